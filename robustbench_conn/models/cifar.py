@@ -177,7 +177,7 @@ class PreActResNet(_PreActNet):
         super().__init__(base, stages, num_classes, act, connection, True, mean, std)
 
 
-_WRN_NAME = re.compile(r"^(?:wrn|nrn)-(\d+)-(\d+)(?:-(relu|swish|silu))?(?:-learn)?$")
+_WRN_NAME = re.compile(r"^(?:wrn|nrn)-(\d+)-(\d+)(?:-([a-z]+?))?(?:-learn)?$")
 _PRERESNET_NAME = re.compile(r"^preresnet-(\d+)$")
 
 
