@@ -13,6 +13,7 @@ from .cifar import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, Norm
                     PreActWideResNet, parse_cifar_name)
 from .connection import (ArchOptions, ConnectionConfig, SettingsError, SharedDecay, count_parameters,
                          decay_parameters, learned_decay, parameter_groups, parse_settings, resolve_connection)
+from . import imagenet  # registers conn_* models in timm
 
 __all__ = [
     "create_model", "ConnectionConfig", "ArchOptions", "SettingsError", "SharedDecay", "parse_settings",
