@@ -13,6 +13,8 @@ attacker. In targeted mode ``labels`` are the target classes.
   ``(z_t - max_{j != t} z_j) / (z_pi1 - (z_pi3 + z_pi4) / 2)``, the same scale-invariant denominator.
 - ``trades_kl``: ``KL(p_clean || p_adv)``, the inner maximisation of TRADES (Zhang et al., "Theoretically
   Principled Trade-off between Robustness and Accuracy", 2019); the clean distribution is passed in.
+- ``trades_se``: ``||p_clean - p_adv||^2``, the inner maximisation of TRADES with squared errors (SCORE / LSE:
+  Pang et al., "Robustness and Accuracy Could Be Reconcilable by (Proper) Definition", 2022).
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ from torch import Tensor
 
 from ._core import AttackError
 
-__all__ = ["LOSSES", "per_example_loss", "min_classes"]
+__all__ = ["LOSSES", "CLEAN_REFERENCE_LOSSES", "per_example_loss", "min_classes"]
 
-LOSSES = ("ce", "cw", "dlr", "trades_kl")
+LOSSES = ("ce", "cw", "dlr", "trades_kl", "trades_se")
+#: Losses measured against the clean prediction rather than the labels.
+CLEAN_REFERENCE_LOSSES = ("trades_kl", "trades_se")
 
 
 def _label_and_best_other(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,9 +78,11 @@ def per_example_loss(name: str, logits: Tensor, labels: Tensor, targeted: bool,
         return _cw(logits, labels, targeted)
     if name == "dlr":
         return _dlr(logits, labels, targeted)
-    if name == "trades_kl":
+    if name in CLEAN_REFERENCE_LOSSES:
         if clean_log_probs is None:
-            raise AttackError("the trades_kl loss needs the clean log-probabilities.")
+            raise AttackError(f"the {name} loss needs the clean log-probabilities.")
         log_p_adv = F.log_softmax(logits, dim=1)
+        if name == "trades_se":
+            return (clean_log_probs.exp() - log_p_adv.exp()).square().sum(1)
         return (clean_log_probs.exp() * (clean_log_probs - log_p_adv)).sum(1)
     raise AttackError(f"unknown loss {name!r}; choose one of {', '.join(map(repr, LOSSES))}.")

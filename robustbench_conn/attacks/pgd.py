@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._core import NORMS, AttackError, check_batch, check_choice, check_count, check_eps, check_positive, frozen_eval
-from .losses import LOSSES, per_example_loss
+from .losses import CLEAN_REFERENCE_LOSSES, LOSSES, per_example_loss
 
 __all__ = ["PGD", "FGSM"]
 
@@ -38,7 +38,7 @@ class PGD:
     ``torch.autocast``; the loss is computed in float32 from the logits.
 
     - ``random_start``: uniform in the L-inf ball, uniform radius times a Gaussian direction in the L2 ball, or
-      ``0.001 * N(0, 1)`` for ``loss='trades_kl'`` (as TRADES does); then clipped to the box.
+      ``0.001 * N(0, 1)`` for ``loss='trades_kl'`` or ``'trades_se'`` (as TRADES does); then clipped to the box.
     - ``restarts``: independent runs; per example the worst case is kept: a successful run beats an unsuccessful one,
       ties go to the larger loss. The first run's start is the same whatever ``restarts`` is, so with a fixed
       ``seed`` more restarts never make a point robust again.
@@ -46,8 +46,9 @@ class PGD:
       judged at the point evaluated by each step's forward pass; with it, more steps never help the model either.
       Without it the last iterate is returned (Madry's PGD). Frozen examples still ride along in the batch: masks,
       no compaction and no host synchronisation per step.
-    - ``loss``: ``'ce'``, ``'cw'`` (margin), ``'dlr'`` or ``'trades_kl'`` (KL from the clean prediction, computed
-      inside without gradient; labels are accepted but unused, so neither ``targeted`` nor ``early_stop`` apply).
+    - ``loss``: ``'ce'``, ``'cw'`` (margin), ``'dlr'``, ``'trades_kl'`` (KL from the clean prediction, computed
+      inside without gradient) or ``'trades_se'`` (squared distance to it, the LSE/SCORE inner loss); for these two
+      labels are accepted but unused, so neither ``targeted`` nor ``early_stop`` apply.
     - ``targeted``: ``labels`` are the target classes and the loss is turned towards them.
     - ``seed``: ``None`` draws from torch's global generator; an int uses a private generator on the images' device
       and leaves the global random state alone.
@@ -68,8 +69,8 @@ class PGD:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise AttackError(f"seed must be an int or None, got {seed!r}.")
         self.seed = seed
-        if loss == "trades_kl" and (targeted or early_stop):
-            raise AttackError("loss='trades_kl' ignores labels, so it cannot be targeted or stop early; "
+        if loss in CLEAN_REFERENCE_LOSSES and (targeted or early_stop):
+            raise AttackError(f"loss={loss!r} ignores labels, so it cannot be targeted or stop early; "
                               "set targeted=False and early_stop=False.")
 
     def __repr__(self) -> str:
@@ -92,7 +93,7 @@ class PGD:
                 generator = torch.Generator(device=x.device)
                 generator.manual_seed(self.seed)
             clean_log_probs = None
-            if self.loss == "trades_kl":
+            if self.loss in CLEAN_REFERENCE_LOSSES:
                 with torch.no_grad():
                     clean_log_probs = F.log_softmax(model(x.to(images.dtype)).float(), dim=1)
             # The box [0, 1] as bounds on delta; for Linf intersected with the ball (both are per-coordinate boxes,
@@ -123,7 +124,7 @@ class PGD:
 
     # -- pieces ----------------------------------------------------------------------------------------------------
     def _success(self, logits: Tensor, labels: Tensor) -> Tensor:
-        if self.loss == "trades_kl":
+        if self.loss in CLEAN_REFERENCE_LOSSES:
             return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         pred = logits.argmax(1)
         return pred == labels if self.targeted else pred != labels
@@ -133,7 +134,7 @@ class PGD:
             return torch.zeros_like(x)
         # Drawn in the logical (contiguous) order, so a seed gives the same start whatever the memory format.
         noise = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        if self.loss == "trades_kl":
+        if self.loss in CLEAN_REFERENCE_LOSSES:
             delta = noise.normal_(generator=generator).mul_(0.001)
             if self.norm == "L2":
                 delta = self._project_l2(delta)
