@@ -192,3 +192,22 @@ def test_train_mode_drop_path_matches_twin():
     torch.manual_seed(5)
     b = m(x)
     assert (a - b).abs().max().item() < 1e-5
+
+
+def test_levit_fused_block_equals_two_connection_calls():
+    """The fused LeViT block (scale once, two residuals, unscale once) is the two suppression residuals in turn."""
+    torch.manual_seed(0)
+    m = timm.create_model("conn_levit_128", connection=SETTINGS, init_decay=3.0, img_size=RES).eval()
+    with torch.no_grad():  # timm zero-inits the last BN of each branch: make the branches non-zero
+        for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm1d)):
+            bn.weight.normal_()
+    x = torch.randn(2, 16, 128)
+    for i in (0, 1, 2):
+        block = m.stages[0].blocks[i]
+        conn = block.connection
+        assert conn.layer_index == i
+        with torch.no_grad():
+            fused = block(x)
+            unfused = conn(conn(x, block.attn_branch), block.mlp_branch)
+        assert (unfused - x).abs().max() > 0.1  # the branches and the decay do something
+        assert torch.allclose(fused, unfused, rtol=1e-5, atol=1e-5), (i, (fused - unfused).abs().max())
