@@ -18,3 +18,4 @@ def cifar10_dir() -> Path:
     if not (SHARED_CIFAR10 / "test.npz").exists():
         pytest.skip(f"real CIFAR-10 npz files not found at {SHARED_CIFAR10} (clone the project beside ../shared)")
     return SHARED_CIFAR10
+collect_ignore = ["ddp_check.py"]

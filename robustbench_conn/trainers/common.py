@@ -1,0 +1,279 @@
+"""What every trainer shares: the run folder, checkpoints and resume, EMA, schedules, distributed setup, metrics.
+
+A run folder holds::
+
+    config.yaml           the resolved configuration (every flag, after the YAML file and the command line)
+    metrics.csv           one row per epoch
+    checkpoints/last.pt   everything needed to resume (weights, optimizers, scheduler, EMA, RNG, epoch)
+    checkpoints/best.pt   the same, at the epoch with the best validation robust (or clean) accuracy
+    model.safetensors     the final EMA weights, what evaluation reads
+    model_card.json       how to rebuild the network, the recipe, the data, the git commit
+
+Only rank 0 writes. Every file is written to a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from ..io import (FINAL_WEIGHTS, CheckpointError, atomic_path, atomic_save, atomic_write_text, git_commit,
+                  load_checkpoint, save_weights, write_model_card)
+from ..models import learned_decay, parameter_groups
+
+__all__ = ["TrainError", "RunFolder", "ModelEma", "Distributed", "build_optimizers", "build_scheduler",
+           "random_crop_flip", "config_hash", "capture_rng", "restore_rng", "autocast_for", "MetricsLog"]
+
+# Fields that do not change what a run computes: two runs that differ only in these share a config hash.
+_NON_RECIPE_KEYS = {"seed", "out", "log_dir", "desc", "device", "resume", "overwrite", "config", "tracking",
+                    "data_dir", "aux_data", "num_workers"}
+
+
+class TrainError(ValueError):
+    """A training run that cannot start or go on; the message says why and what to do."""
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A short hash of the recipe: the config without the seed, paths and device."""
+    recipe = {k: v for k, v in sorted(config.items()) if k not in _NON_RECIPE_KEYS}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RunFolder:
+    """The folder of one run; refuses to reuse an existing run unless told to resume or overwrite."""
+
+    def __init__(self, path: str | os.PathLike, *, resume: bool, overwrite: bool, is_writer: bool = True):
+        self.path = Path(path)
+        self.is_writer = is_writer
+        has_run = (self.path / "config.yaml").exists() or (self.path / "checkpoints").exists()
+        if resume and overwrite:
+            raise TrainError("--resume and --overwrite exclude each other: resume continues a run, overwrite "
+                             "starts it again.")
+        if resume and not (self.path / "checkpoints" / "last.pt").exists():
+            raise TrainError(f"--resume: {self.path} holds no checkpoints/last.pt to resume from.")
+        if has_run and not (resume or overwrite):
+            raise TrainError(f"{self.path} already holds a run: pass --resume to continue it, --overwrite to train "
+                             "it again in place, or another --out.")
+        if self.path.exists() and not self.path.is_dir():
+            raise TrainError(f"--out {self.path} is a file, not a folder.")
+        self.resume = resume
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def prepare(self, config: Mapping[str, Any]) -> None:
+        if not self.is_writer:
+            return
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False))
+
+    def save_checkpoint(self, state: Mapping[str, Any], name: str) -> None:
+        if self.is_writer:
+            atomic_save(dict(state), self.checkpoints / f"{name}.pt")
+
+    def load_checkpoint(self, name: str = "last") -> dict:
+        state = load_checkpoint(self.checkpoints / f"{name}.pt")
+        for key in ("model", "optimizer", "epoch", "rng"):
+            if key not in state:
+                raise CheckpointError(f"{self.checkpoints / (name + '.pt')} lacks {key!r}: not a training "
+                                      "checkpoint of this project.")
+        return state
+
+    def save_final(self, model: nn.Module, card: Mapping[str, Any]) -> None:
+        if not self.is_writer:
+            return
+        save_weights(model.state_dict(), self.path / FINAL_WEIGHTS,
+                     metadata={"model": str(card.get("model")), "run_id": str(card.get("run_id"))})
+        write_model_card(self.path, card)
+
+
+class MetricsLog:
+    """``metrics.csv``, one row per epoch; on resume, rows after the resumed epoch are dropped."""
+
+    def __init__(self, path: Path, is_writer: bool, keep_until_epoch: int | None = None):
+        self.path, self.is_writer = path, is_writer
+        self.rows: list[dict] = []
+        if keep_until_epoch is not None and path.exists():
+            with open(path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= keep_until_epoch]
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        self.rows.append(dict(row))
+        if not self.is_writer:
+            return
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+class ModelEma(nn.Module):
+    """Exponential moving average of the weights; buffers (BatchNorm statistics) are copied.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, as in the unlabeled-data
+    adversarial-training code this follows, so early averages are not dominated by the random init.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        n = int(self.updates)
+        decay = min(self.decay, (1 + n) / (10 + n))
+        for ema_p, p in zip(self.module.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - decay)
+        for ema_b, b in zip(self.module.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+
+@dataclass
+class Distributed:
+    """The process group under ``torchrun`` (or a single process); only rank 0 writes files."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, device: str) -> "Distributed":
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return cls(rank, world_size, local_rank)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: str) -> torch.device:
+        if requested.startswith("cuda") and self.enabled:
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return torch.device(requested)
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(values)
+        return values
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def build_optimizers(model: nn.Module, *, lr: float, momentum: float, weight_decay: float, nesterov: bool,
+                     decay_lr: float, decay_optimizer: str) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """SGD for the weights (no weight decay on biases and norms) and, when asked, Adam for the connection's decay."""
+    main_groups, decay_groups = parameter_groups(model, weight_decay=weight_decay)
+    if decay_groups and decay_optimizer == "main":
+        main_groups += decay_groups
+        decay_groups = []
+    optimizer = torch.optim.SGD(main_groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    decay_opt = torch.optim.Adam(decay_groups, lr=decay_lr, weight_decay=0.0) if decay_groups else None
+    return optimizer, decay_opt
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int, steps_per_epoch: int,
+                    warmup_epochs: float = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedules: ``step`` (x0.1 at 50% and 75% of training), ``cosine``, ``cosine-with-warmup``, ``none``."""
+    total = max(1, epochs * steps_per_epoch)
+    warmup = int(warmup_epochs * steps_per_epoch) if name == "cosine-with-warmup" else 0
+
+    def factor(step: int) -> float:
+        if name == "none":
+            return 1.0
+        if name == "step":
+            return 0.01 if step >= 0.75 * total else 0.1 if step >= 0.5 * total else 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    if name not in ("step", "cosine", "cosine-with-warmup", "none"):
+        raise TrainError(f"scheduler {name!r} is unknown: use step, cosine, cosine-with-warmup or none.")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def random_crop_flip(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """The standard CIFAR augmentation on a whole batch: random crop from a zero-padded image, random h-flip."""
+    n, c, h, w = images.shape
+    padded = nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=images.device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=images.device)
+    rows = dy + torch.arange(h, device=images.device).view(1, h, 1)
+    cols = dx + torch.arange(w, device=images.device).view(1, 1, w)
+    flip = torch.rand(n, 1, 1, device=images.device) < 0.5
+    cols = torch.where(flip, dx + (w - 1) - torch.arange(w, device=images.device).view(1, 1, w), cols)
+    batch = torch.arange(n, device=images.device).view(n, 1, 1)
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def capture_rng(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def autocast_for(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU runs stay in float32)."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def run_card(config: Mapping[str, Any], model: nn.Module, connection: Mapping[str, Any], model_kwargs: Mapping,
+             num_classes: int, recipe_keys: Iterable[str], data: Mapping[str, Any], run_dir: Path) -> dict:
+    """The model card: how to rebuild the network, what recipe and data trained it, and where it came from."""
+    return {
+        "model": config["model"],
+        "num_classes": num_classes,
+        "model_kwargs": dict(model_kwargs),
+        "connection": dict(connection),
+        "learned_decay": learned_decay(model),
+        "recipe": {k: config[k] for k in recipe_keys if k in config},
+        "data": dict(data),
+        "run_id": run_dir.name,
+        "config_hash": config_hash(config),
+        "seed": config.get("seed"),
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+    }
