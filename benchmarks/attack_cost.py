@@ -1,0 +1,266 @@
+"""What does our PGD cost? Time of PGD-k against its physical floor (k forward+backward passes) and against
+torchattacks' PGD-k, on the same model and batch; on CUDA also images/s with bf16 autocast and channels_last.
+
+    python benchmarks/attack_cost.py                      # CPU: nrn-58-1-swish (init 8) and a CIFAR ResNet-18
+    python benchmarks/attack_cost.py --batch-size 128 --steps 10 --repeats 5 --device cuda
+
+The floor is k iterations of forward, loss and ``torch.autograd.grad`` with respect to the input only, with the
+model in eval mode and its parameters frozen: exactly the work PGD cannot avoid. Targets: ours / floor <= 1.05,
+ours / torchattacks <= 1.00. The three timings are interleaved within each repeat (so a load change on a shared
+machine hits all three alike) after warm-up calls, and the median over repeats is reported.
+The figures go to the section "## Attack cost (benchmarks/attack_cost.py)" of benchmarks/RESULTS.md (other sections
+are kept) with the command line and a description of the machine, unless --no-write.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustbench_conn.attacks import PGD
+from robustbench_conn.models import Normalize, create_model
+
+SECTION = "## Attack cost (benchmarks/attack_cost.py)"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+MODELS = ("nrn-58-1-swish", "resnet18")
+
+
+def resnet18_cifar(num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 adapted to 32x32 inputs (3x3 stride-1 stem, no max-pool), normalising inside."""
+    import torchvision
+    net = torchvision.models.resnet18(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    return nn.Sequential(Normalize(), net)
+
+
+def build_model(name: str) -> nn.Module:
+    if name == "resnet18":
+        return resnet18_cifar()
+    if name == "nrn-58-1-swish":
+        return create_model("nrn-58-1-swish", connection="suppression", init_channels=8)
+    return create_model(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall-clock seconds, process CPU seconds) of one call."""
+    sync(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def floor_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int):
+    """k forward+backward passes w.r.t. the input, parameters frozen: what any PGD-k must pay."""
+    def run():
+        delta = torch.zeros_like(x, requires_grad=True)
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+            torch.autograd.grad(loss, delta)
+    return run
+
+
+def machine_description(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    parts = [f"CPU {cpu}", f"{os.cpu_count()} cores", f"torch {torch.__version__} ({torch.get_num_threads()} "
+             f"intra-op threads)", f"Python {platform.python_version()}"]
+    with contextlib.suppress(Exception):
+        import torchattacks
+        parts.append(f"torchattacks {torchattacks.__version__}")
+    if device.type == "cuda":
+        parts.append(f"GPU {torch.cuda.get_device_name(device)}")
+    with contextlib.suppress(OSError):
+        parts.append("load average before the run {:.2f} / {:.2f} / {:.2f} (1/5/15 min)".format(*os.getloadavg()))
+    return ", ".join(parts)
+
+
+def measure(name: str, args, device: torch.device) -> dict:
+    import torchattacks
+    torch.manual_seed(args.seed)
+    model = build_model(name).to(device).eval()
+    x = torch.rand(args.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    eps, alpha, k = 8 / 255, 2 / 255, args.steps
+    ours = PGD(eps=eps, alpha=alpha, steps=k, seed=0)
+    with contextlib.redirect_stdout(io.StringIO()):      # torchattacks prints on construction
+        theirs = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=k, random_start=True)
+
+    def frozen(fn):
+        def run():
+            flags = [p.requires_grad for p in model.parameters()]
+            for p in model.parameters():
+                p.requires_grad_(False)
+            try:
+                fn()
+            finally:
+                for p, flag in zip(model.parameters(), flags):
+                    p.requires_grad_(flag)
+        return run
+
+    runs = {"floor": frozen(floor_fn(model, x, y, k)), "ours": lambda: ours(model, x, y),
+            "torchattacks": lambda: theirs(x, y)}
+    for _ in range(args.warmup):
+        for fn in runs.values():
+            fn()
+    wall = {key: [] for key in runs}
+    cpu = {key: [] for key in runs}
+    for _ in range(args.repeats):
+        for key, fn in runs.items():
+            w, c = timed(fn, device)
+            wall[key].append(w)
+            cpu[key].append(c)
+    # On CPU the clock is process CPU time (robust to other jobs on a shared machine), on CUDA wall time.
+    times = cpu if device.type == "cpu" else wall
+    med = {key: statistics.median(v) for key, v in times.items()}
+    wall_med = {key: statistics.median(v) for key, v in wall.items()}
+    row = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "times": times,
+           "wall": wall, "median": med, "wall_median": wall_med,
+           "floor_ratio": med["ours"] / med["floor"], "ta_ratio": med["ours"] / med["torchattacks"],
+           "wall_floor_ratio": wall_med["ours"] / wall_med["floor"],
+           "wall_ta_ratio": wall_med["ours"] / wall_med["torchattacks"]}
+    if device.type == "cuda":
+        row["img_per_s"] = gpu_throughput(model, x, y, ours, args)
+    return row
+
+
+def gpu_throughput(model, x, y, attack, args) -> dict:
+    """Images/s of our PGD-k in float32 / bf16 autocast, contiguous / channels_last (CUDA only)."""
+    out = {}
+    for bf16 in (False, True):
+        for channels_last in (False, True):
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            m, xi = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+            ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+            def run():
+                with ctx():
+                    attack(m, xi, y)
+            for _ in range(args.warmup):
+                run()
+            t = statistics.median(timed(run, x.device)[0] for _ in range(args.repeats))
+            out[("bf16" if bf16 else "fp32") + (" + channels_last" if channels_last else "")] = len(x) / t
+    model.to(memory_format=torch.contiguous_format)
+    return out
+
+
+def render(rows: list[dict], args, device: torch.device, command: str) -> str:
+    k = args.steps
+    clock = "process CPU time" if device.type == "cpu" else "wall-clock time"
+    lines = [SECTION, "",
+             f"Command: `{command}`", "",
+             f"Machine: {machine_description.cached}.", "",
+             f"Device {device}, batch {args.batch_size}, PGD-{k} (Linf, eps 8/255, step 2/255, random start), "
+             f"{args.warmup} warm-up call(s), median of {args.repeats} interleaved repeats, timed in {clock}"
+             + (" (robust to other jobs on a shared machine; wall-clock ratios beside)" if device.type == "cpu"
+                else "") + ". "
+             f"Floor: {k} forward+backward passes w.r.t. the input with frozen parameters. "
+             "Targets: ours/floor <= 1.05, ours/torchattacks <= 1.00.", "",
+             f"| model | params (M) | floor {k} fwd+bwd (s) | ours PGD-{k} (s) | torchattacks PGD-{k} (s) "
+             "| ours / floor | ours / torchattacks | wall: ours / floor | wall: ours / torchattacks |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        m = r["median"]
+        lines.append(f"| {r['model']} | {r['params_M']:.2f} | {m['floor']:.3f} | {m['ours']:.3f} | "
+                     f"{m['torchattacks']:.3f} | {r['floor_ratio']:.3f} | {r['ta_ratio']:.3f} | "
+                     f"{r['wall_floor_ratio']:.3f} | {r['wall_ta_ratio']:.3f} |")
+    lines.append("")
+    for label, key in ((clock, "times"), ("wall-clock time", "wall")) if device.type == "cpu" else ((clock, "times"),):
+        lines.append(f"Raw {label} (s), per repeat: " + "; ".join(
+            f"{r['model']}: " + ", ".join(f"{name} [{', '.join(f'{t:.3f}' for t in v)}]"
+                                          for name, v in r[key].items()) for r in rows) + ".")
+        lines.append("")
+    lines.pop()
+    if any("img_per_s" in r for r in rows):
+        lines += ["", f"CUDA images/s of our PGD-{k}:", "", "| model | " + " | ".join(rows[0]["img_per_s"]) + " |",
+                  "| --- |" + " --- |" * len(rows[0]["img_per_s"])]
+        for r in rows:
+            lines.append(f"| {r['model']} | " + " | ".join(f"{v:.0f}" for v in r["img_per_s"].values()) + " |")
+    else:
+        lines += ["", "No CUDA device here: the bf16-autocast / channels_last images/s table is produced only on "
+                      "CUDA."]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace (or append) our section of ``path``, keeping every other section as it is."""
+    from filelock import FileLock
+    with FileLock(str(path) + ".lock"):
+        old = path.read_text() if path.exists() else "# Benchmark results\n"
+        lines = old.splitlines(keepends=True)
+        start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
+        if start is None:
+            new = old.rstrip("\n") + "\n\n" + text
+        else:
+            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+            tail = "".join(lines[end:])
+            new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
+        path.write_text(new)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma-separated: nrn-58-1-swish (init 8), resnet18, or any create_model name")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="k of PGD-k")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: 1 on CPU, where CPU time is the clock; torch's on CUDA)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--batch-size, --steps and --repeats must be >= 1, --warmup >= 0")
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        parser.error("this benchmark compares with torchattacks: pip install -e '.[torchattacks]'")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    machine_description.cached = machine_description(device)
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        rows.append(measure(name, args, device))
+        r = rows[-1]
+        print(f"{name}: floor {r['median']['floor']:.3f}s  ours {r['median']['ours']:.3f}s  torchattacks "
+              f"{r['median']['torchattacks']:.3f}s  ours/floor {r['floor_ratio']:.3f}  "
+              f"ours/torchattacks {r['ta_ratio']:.3f}", flush=True)
+    text = render(rows, args, device, command)
+    print()
+    print(text)
+    if not args.no_write:
+        write_section(args.results, text)
+        print(f"wrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
