@@ -177,7 +177,10 @@ def _torchvision(name: str, split: str, root: str, download: bool) -> ArrayDatas
 def _imagefolder(root: str, split: str, image_size: int):
     from torchvision import datasets, transforms
 
-    path = Path(root) / split if (Path(root) / split).is_dir() else Path(root)
+    # ImageNet layouts name the held-out split val/ or test/: the test split takes either.
+    names = (split, "val") if split == "test" else (split,)
+    found = [Path(root) / name for name in names if (Path(root) / name).is_dir()]
+    path = found[0] if found else Path(root)
     if not path.is_dir():
         raise DataError(f"image folder {path} does not exist: pass --data-dir with {split}/CLASS/IMAGE files.")
     tf = transforms.Compose([transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size),
@@ -197,7 +200,7 @@ def get_dataset(name: str, split: str = "train", data_dir: str | None = None, *,
 
     name: ``cifar10``, ``cifar100``, ``svhn`` (torchvision; downloaded into ``data_dir`` on demand), ``npz``
         (``data_dir`` is a file, comma-separated files, or a folder of ``{split}*.npz``; several files concatenate),
-        ``imagefolder`` (``data_dir/{split}/CLASS/IMAGE``) or ``digits`` (embedded, no download).
+        ``imagefolder`` (``data_dir/{split}/CLASS/IMAGE``; the test split also reads ``data_dir/val``) or ``digits`` (embedded, no download).
     Returns an :class:`ArrayDataset` (everything but imagefolder) with ``num_classes`` and ``source``.
     """
     if name not in DATASETS:
