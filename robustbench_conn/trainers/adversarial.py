@@ -215,6 +215,9 @@ def train(config: Mapping[str, Any]) -> Path:
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
                                 acc=f"{float(metrics.get('adv_acc', metrics['clean_acc'])):.3f}")
         bar.close()
+        dist.average_buffers(model)
+        if ema is not None:
+            ema.copy_buffers(model)
 
         # evaluation on the validation split, with the model that gets saved
         eval_model = ema.module if ema is not None else model

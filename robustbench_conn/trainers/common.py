@@ -143,6 +143,10 @@ class ModelEma(nn.Module):
         decay = min(self.decay, (1 + n) / (10 + n))
         for ema_p, p in zip(self.module.parameters(), model.parameters()):
             ema_p.lerp_(p.detach(), 1 - decay)
+        self.copy_buffers(model)
+
+    @torch.no_grad()
+    def copy_buffers(self, model: nn.Module) -> None:
         for ema_b, b in zip(self.module.buffers(), model.buffers()):
             ema_b.copy_(b)
 
@@ -183,6 +187,17 @@ class Distributed:
         if self.enabled:
             dist.all_reduce(values)
         return values
+
+    @torch.no_grad()
+    def average_buffers(self, module: nn.Module) -> None:
+        """Average floating-point buffers (BatchNorm running statistics) over ranks, as timm's ``--dist-bn reduce``:
+        each rank's statistics come from its own shard, and the saved model must not depend on which rank saved it."""
+        if not self.enabled:
+            return
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer.div_(self.world_size)
 
     def barrier(self) -> None:
         if self.enabled:
