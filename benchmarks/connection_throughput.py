@@ -53,7 +53,8 @@ def cpu_name() -> str:
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
-    return f"{cpu_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"
+    threads = torch.get_num_threads()
+    return f"{cpu_name()}, {os.cpu_count()} logical cores, {threads} torch thread{'s' if threads != 1 else ''}"
 
 
 def build_pair(name: str, res: int, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -156,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--res", type=int, default=64, help="input resolution (LeViT is built for it)")
-    parser.add_argument("--iters", type=int, default=3, help="steps per timed run")
-    parser.add_argument("--rounds", type=int, default=7, help="alternating residual/suppression timed runs")
+    parser.add_argument("--iters", type=int, default=1, help="steps per timed run")
+    parser.add_argument("--rounds", type=int, default=15, help="alternating residual/suppression timed runs")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: per-process CPU time is then the model's cost)")
