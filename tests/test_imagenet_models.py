@@ -220,3 +220,13 @@ def test_levit_fused_block_equals_two_connection_calls():
             unfused = conn(conn(x, block.attn_branch), block.mlp_branch)
         assert (unfused - x).abs().max() > 0.1  # the branches and the decay do something
         assert torch.allclose(fused, unfused, rtol=1e-5, atol=1e-5), (i, (fused - unfused).abs().max())
+
+
+def test_features_only():
+    """LeViT's feature wrapper keeps the shared delta; ResNetV2/ConvNeXt refuse rather than drop it silently."""
+    m = timm.create_model("conn_levit_256d", features_only=True, connection="suppression", img_size=RES).eval()
+    assert [n for n, _ in m.named_parameters() if n.endswith("delta")] == ["model." + SHARED_DECAY_KEY]
+    assert len(m(_input())) == 3
+    assert len(timm.create_model("conn_preresnet38d", features_only=True)(_input())) == 5
+    with pytest.raises(ValueError, match="features_only"):
+        timm.create_model("conn_preresnet38d", features_only=True, connection="suppression")

@@ -34,6 +34,9 @@ identity-shortcut bottleneck; LeViT carries it also on the MLP residual that fol
 (``suppress_downsample_mlp=False`` leaves those two residual). ``l`` is the block's index in its stage (0-based,
 modulo the restart period); the subsample MLP has ``l = 0``.
 
+``features_only=True`` works for every residual model and for suppression LeViT (timm's getter wrapper keeps the
+shared delta); for suppression ConvNeXt/PreResNet it raises, since timm's FeatureListNet would drop the delta.
+
 ``pretrained=True`` loads the twin's timm weights where the twin has them (ConvNeXt-S: ``fb_in1k``, LeViT-128:
 ``fb_dist_in1k``); a suppression model keeps its own initial ``delta``.
 """
@@ -142,8 +145,14 @@ def _create(family: str, model_cls: type, variant: str, pretrained: bool, **kwar
     feature_cfg = dict(spec.feature_cfg)
     if family == "levit":  # as timm's create_levit
         feature_cfg["out_indices"] = kwargs.pop("out_indices", (0, 1, 2))
-        if kwargs.get("features_only", False):
+    if kwargs.get("features_only", False):
+        if family == "levit":  # timm's getter wrapper keeps the whole network, shared delta included
             kwargs.setdefault("feature_cls", "getter")
+        elif config.is_suppression and config.shared:
+            # timm's FeatureListNet re-wraps the network's children up to the last feature layer, which would
+            # leave the shared delta out of the feature model's parameters (used but never trained).
+            raise ValueError(f"features_only with a shared suppression decay is not supported for {variant}; "
+                             "build the full model and use forward_features instead.")
     return build_model_with_cfg(model_cls, variant, pretrained, connection=config,
                                 pretrained_filter_fn=partial(_keep_own_decay, spec.twin_filter),
                                 feature_cfg=feature_cfg, **kwargs)
