@@ -13,7 +13,7 @@ $(PY):
 # torch/torchvision first and pinned: these exact releases are served locally on the project's machines.
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,torchattacks]'
+	$(PY) -m pip install -q -e '.[test,torchattacks,robustbench]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from typing import Mapping
 
 from torch import nn
@@ -13,7 +14,11 @@ from .cifar import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, Norm
                     PreActWideResNet, parse_cifar_name)
 from .connection import (ArchOptions, ConnectionConfig, SettingsError, SharedDecay, count_parameters,
                          decay_parameters, learned_decay, parameter_groups, parse_settings, resolve_connection)
-from . import imagenet  # registers conn_* models in timm
+with warnings.catch_warnings():
+    # timm 1.0's hrnet module calls torch.jit.interface, which torch 2.14 deprecates: a warning at every import
+    # that users of this package cannot act on.
+    warnings.filterwarnings("ignore", message="`torch.jit.interface` is deprecated", category=FutureWarning)
+    from . import imagenet  # registers the conn_* models in timm
 
 __all__ = [
     "create_model", "ConnectionConfig", "ArchOptions", "SettingsError", "SharedDecay", "parse_settings",
