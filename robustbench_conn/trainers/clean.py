@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..attacks import PGD
-from ..data import ArrayDataset, MixedBatchSampler, check_num_classes, get_dataset
+from ..data import MixedBatchSampler, check_num_classes, get_dataset
 from ..models import create_model, decay_parameters, learned_decay
 from ..models.cifar import Normalize
 from ..models.connection import ConnectionConfig
@@ -416,10 +416,11 @@ def train(config: Mapping[str, Any]) -> Path:
     train_model = nn.parallel.DistributedDataParallel(model) if dist.enabled else model
     main_params = [p for g in optimizer.param_groups for p in g["params"]]
     clip_params = main_params
-    if config.get("clip_grad") and config["clip_mode"] == "agc":
-        from timm.models import model_parameters  # as timm's train.py: AGC leaves the classifier out
-        kept = {id(p) for p in model_parameters(model, exclude_head=True)}
-        clip_params = [p for p in main_params if id(p) in kept]
+    if config.get("clip_grad") and config["clip_mode"] == "agc":  # as timm's train.py: AGC leaves the classifier out
+        heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
+        heads = heads if isinstance(heads, tuple) else (heads,)
+        head_ids = {id(p) for head in heads if isinstance(head, nn.Module) for p in head.parameters()}
+        clip_params = [p for p in main_params if id(p) not in head_ids]
 
     # resume
     start_epoch, best = 1, -math.inf
