@@ -212,3 +212,17 @@ def test_torchrun_two_ranks_match_the_single_process_gradient(tmp_path, cifar10_
     assert report["grad_max_abs_diff"] < 1e-5, report
     assert report["rank_weight_max_abs_diff"] == 0.0, report
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "main"])
+def test_decay_is_trained_at_its_own_lr_without_weight_decay(optimizer):
+    from robustbench_conn.models import ConnectionConfig, create_model
+    from robustbench_conn.trainers.common import build_optimizers
+
+    model = create_model("nrn-16-1-swish", connection=ConnectionConfig(kind="suppression", optimizer=optimizer))
+    main_opt, decay_opt = build_optimizers(model, lr=0.2, momentum=0.9, weight_decay=5e-4, nesterov=True,
+                                           decay_lr=0.001, decay_optimizer=optimizer)
+    groups = [g for g in main_opt.param_groups + (decay_opt.param_groups if decay_opt else [])
+              if any(p is model.shared_decay.delta for p in g["params"])]
+    assert len(groups) == 1 and groups[0]["lr"] == 0.001 and groups[0]["weight_decay"] == 0.0
+    assert (decay_opt is not None) == (optimizer == "adam")

@@ -57,8 +57,8 @@ class ConnectionConfig:
     parametrisation: ``d = phi(decay_scale * delta)``; ``abs`` is the paper's ``AbsExp``.
     decay_scale: the research LeViT used ``d = |0.1 * delta|``; 1.0 everywhere else.
     restart_period: ``l`` = block index in its stage modulo this (``RestaLayerIdx3`` means 3); None: no restart.
-    optimizer: ``adam`` trains ``delta`` with its own Adam at ``decay_lr`` and no weight decay (the paper's
-        ``Adam`` token and ``CoesLR``); ``main`` leaves it to the main optimizer (still without weight decay).
+    optimizer: ``adam`` trains ``delta`` with its own Adam (the paper's ``Adam`` token); ``main`` puts it in the main
+        optimizer as a group of its own. Either way at ``decay_lr`` (the paper's ``CoesLR``), without weight decay.
     """
 
     kind: ConnectionKind = "residual"
@@ -337,7 +337,7 @@ def parameter_groups(model: nn.Module, weight_decay: float = 0.0,
 
     Main groups: weights with ``weight_decay`` and, when ``no_decay_1d``, biases/norm parameters without it.
     Decay groups: the connection's ``delta`` parameters, never weight-decayed; give them to ``torch.optim.Adam``
-    at the config's ``decay_lr`` (or append them to the main optimizer when its ``optimizer`` is ``main``).
+    at the config's ``decay_lr`` (or, when its ``optimizer`` is ``main``, to the main optimizer with that lr).
     """
     decay_ids = {id(p) for p in decay_parameters(model)}
     with_wd, without_wd, deltas = [], [], []

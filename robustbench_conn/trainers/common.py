@@ -210,10 +210,11 @@ class Distributed:
 
 def build_optimizers(model: nn.Module, *, lr: float, momentum: float, weight_decay: float, nesterov: bool,
                      decay_lr: float, decay_optimizer: str) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
-    """SGD for the weights (no weight decay on biases and norms) and, when asked, Adam for the connection's decay."""
+    """SGD for the weights (no weight decay on biases and norms); the connection's decay always at ``decay_lr``:
+    by its own Adam (``decay_optimizer='adam'``) or as its own group of the SGD optimizer (``'main'``)."""
     main_groups, decay_groups = parameter_groups(model, weight_decay=weight_decay)
     if decay_groups and decay_optimizer == "main":
-        main_groups += decay_groups
+        main_groups += [dict(group, lr=decay_lr) for group in decay_groups]
         decay_groups = []
     optimizer = torch.optim.SGD(main_groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     decay_opt = torch.optim.Adam(decay_groups, lr=decay_lr, weight_decay=0.0) if decay_groups else None
