@@ -121,6 +121,7 @@ def check_batch(images, labels, eps: float = 0.0, norm: str = "Linf") -> None:
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise AttackError("images contain NaN or infinite values.")
     if lo < 0 or hi > 1:
-        raise AttackError(f"images must lie in [0, 1] (the models normalise inside), got values in [{lo:.4g}, {hi:.4g}].")
+        raise AttackError(f"images must lie in [0, 1] (the models normalise inside), got values in "
+                          f"[{lo:.4g}, {hi:.4g}].")
     if label_min < 0:
         raise AttackError("labels must be non-negative class indices.")
