@@ -18,8 +18,9 @@ from ..attacks import PGD
 from ..data import ArrayDataset, DataError, MixedBatchSampler, check_num_classes, get_dataset, load_npz
 from ..models import create_model, learned_decay, resolve_connection
 from ..models.connection import ConnectionConfig, parse_settings
-from .common import (Distributed, MetricsLog, ModelEma, RunFolder, TrainError, autocast_for, build_optimizers,
-                     build_scheduler, capture_rng, random_crop_flip, restore_rng, run_card)
+from .common import (Distributed, MetricsLog, ModelEma, NonFiniteLoss, RunFolder, TrainError, Tracker, autocast_for,
+                     build_optimizers, build_scheduler, capture_rng, evaluate_accuracy, random_crop_flip, restore_rng,
+                     run_card)
 from .losses import clean_loss, pgd_at_loss, trades_loss
 
 __all__ = ["train", "METHODS", "build_connection", "load_training_data"]
@@ -28,10 +29,6 @@ METHODS = ("trades", "pgd-at", "clean")
 RECIPE_KEYS = ("method", "lse", "beta", "attack", "attack_eps", "attack_step", "attack_steps", "epochs",
                "batch_size", "lr", "momentum", "nesterov", "weight_decay", "scheduler", "warmup_epochs",
                "label_smoothing", "clip_grad", "ema_decay", "unsup_fraction", "decay_lr", "amp")
-
-
-class NonFiniteLoss(TrainError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -80,25 +77,6 @@ def _make_attack(config: Mapping[str, Any], loss: str, steps: int) -> PGD:
     norm = {"linf-pgd": "Linf", "l2-pgd": "L2"}[config["attack"]]
     return PGD(eps=config["attack_eps"], alpha=config["attack_step"], steps=steps, norm=norm, loss=loss,
                random_start=True)
-
-
-@torch.no_grad()
-def _evaluate(model: nn.Module, data: ArrayDataset, attack: PGD | None, batch_size: int, device: torch.device,
-              dist: Distributed, amp: bool) -> float:
-    """Accuracy (under ``attack`` when given) on this rank's shard of ``data``, summed over ranks."""
-    counts = torch.zeros(2, dtype=torch.float64, device=device)
-    indices = torch.arange(dist.rank, len(data), dist.world_size)
-    for start in range(0, len(indices), batch_size):
-        x, y = data.batch(indices[start:start + batch_size])
-        x, y = x.to(device), y.to(device)
-        with autocast_for(device, amp):
-            if attack is not None:
-                with torch.enable_grad():
-                    x = attack(model, x, y)
-            counts[0] += (model(x).argmax(1) == y).sum()
-        counts[1] += len(y)
-    counts = dist.all_reduce_sum(counts)
-    return float(counts[0] / counts[1]) if counts[1] else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -161,7 +139,7 @@ def train(config: Mapping[str, Any]) -> Path:
             ema.load_state_dict(state["ema"])
         restore_rng(state["rng"], device)
         start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
-    tracker = _Tracker(config.get("tracking", "none"), run.path, dist.is_writer)
+    tracker = Tracker(config.get("tracking", "none"), run.path, dist.is_writer)
     run.prepare(config)
     log = MetricsLog(run.path / "metrics.csv", dist.is_writer, keep_until_epoch=start_epoch - 1 if run.resume else 0)
 
@@ -225,11 +203,11 @@ def train(config: Mapping[str, Any]) -> Path:
         batch = config.get("eval_batch_size") or config["batch_size"]
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row.update({f"train_{k}": float(v) / len(sampler) for k, v in sums.items()})
-        row["val_clean_acc"] = _evaluate(eval_model, val_set, None, batch, device, dist, config.get("amp", False)) \
+        row["val_clean_acc"] = evaluate_accuracy(eval_model, val_set, None, batch, device, dist, config.get("amp", False)) \
             if len(val_set) else float("nan")
         robust_now = eval_attack is not None and len(val_set) and (
             epoch % max(1, config.get("adv_eval_freq") or 1) == 0 or epoch == config["epochs"])
-        row["val_pgd_acc"] = _evaluate(eval_model, val_set, eval_attack, batch, device, dist,
+        row["val_pgd_acc"] = evaluate_accuracy(eval_model, val_set, eval_attack, batch, device, dist,
                                        config.get("amp", False)) if robust_now else ""
         decay = learned_decay(model)
         row["decay_d"] = "" if decay is None else decay
@@ -257,38 +235,3 @@ def train(config: Mapping[str, Any]) -> Path:
     tracker.close()
     dist.barrier()
     return run.path
-
-
-class _Tracker:
-    """Metrics to TensorBoard or comet_ml when asked for and installed (the ``tracking`` extra)."""
-
-    def __init__(self, kind: str, run_dir: Path, is_writer: bool):
-        self.kind, self.writer, self.experiment = kind, None, None
-        if not is_writer or kind in (None, "none"):
-            return
-        try:
-            if kind == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            elif kind == "comet":
-                import comet_ml
-                self.experiment = comet_ml.Experiment(project_name="robustbench-conn")
-            else:
-                raise TrainError(f"--tracking {kind!r} is unknown: use none, tensorboard or comet.")
-        except ImportError:
-            raise TrainError(f"--tracking {kind} needs the tracking extra: pip install 'robustbench-conn[tracking]'.") \
-                from None
-
-    def log(self, row: Mapping[str, Any], epoch: int) -> None:
-        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
-        if self.writer is not None:
-            for key, value in numbers.items():
-                self.writer.add_scalar(key, value, epoch)
-        if self.experiment is not None:
-            self.experiment.log_metrics(numbers, epoch=epoch)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.experiment is not None:
-            self.experiment.end()

@@ -35,9 +35,10 @@ from ..data import MixedBatchSampler, check_num_classes, get_dataset
 from ..models import create_model, decay_parameters, learned_decay
 from ..models.cifar import Normalize
 from ..models.connection import ConnectionConfig
-from .adversarial import NonFiniteLoss, _evaluate, _Tracker, build_connection, load_training_data
-from .common import (Distributed, MetricsLog, ModelEma, RunFolder, TrainError, autocast_for, build_optimizers,
-                     build_scheduler, capture_rng, random_crop_flip, restore_rng, run_card)
+from .adversarial import build_connection, load_training_data
+from .common import (Distributed, MetricsLog, ModelEma, NonFiniteLoss, RunFolder, TrainError, Tracker, autocast_for,
+                     build_optimizers, build_scheduler, capture_rng, evaluate_accuracy, random_crop_flip, restore_rng,
+                     run_card)
 from .sam import SAM
 
 __all__ = ["train", "RECIPE_KEYS"]
@@ -155,7 +156,7 @@ class _ArrayWorld:
         if limit:
             data = data.subset(torch.arange(min(limit, len(data))))
         batch = self.config.get("eval_batch_size") or self.config["batch_size"]
-        acc = _evaluate(model, data, attack, batch, self.device, self.dist, self.config.get("amp", False))
+        acc = evaluate_accuracy(model, data, attack, batch, self.device, self.dist, self.config.get("amp", False))
         return {"acc": acc}
 
     def data_card(self) -> dict:
@@ -437,7 +438,7 @@ def train(config: Mapping[str, Any]) -> Path:
         _restore_host_rng(state["rng"])
         start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
         schedule.resumed_at(start_epoch - 1)
-    tracker = _Tracker(config.get("tracking", "none"), run.path, dist.is_writer)
+    tracker = Tracker(config.get("tracking", "none"), run.path, dist.is_writer)
     run.prepare(config)
     log = MetricsLog(run.path / "metrics.csv", dist.is_writer, keep_until_epoch=start_epoch - 1 if run.resume else 0)
 

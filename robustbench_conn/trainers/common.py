@@ -33,7 +33,7 @@ from ..io import (FINAL_WEIGHTS, CheckpointError, atomic_path, atomic_save, atom
                   load_checkpoint, save_weights, write_model_card)
 from ..models import learned_decay, parameter_groups
 
-__all__ = ["TrainError", "RunFolder", "ModelEma", "Distributed", "build_optimizers", "build_scheduler",
+__all__ = ["TrainError", "NonFiniteLoss", "Tracker", "evaluate_accuracy", "RunFolder", "ModelEma", "Distributed", "build_optimizers", "build_scheduler",
            "random_crop_flip", "config_hash", "capture_rng", "restore_rng", "autocast_for", "MetricsLog"]
 
 # Fields that do not change what a run computes: two runs that differ only in these share a config hash.
@@ -43,6 +43,10 @@ _NON_RECIPE_KEYS = {"seed", "out", "log_dir", "desc", "device", "resume", "overw
 
 class TrainError(ValueError):
     """A training run that cannot start or go on; the message says why and what to do."""
+
+
+class NonFiniteLoss(TrainError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -293,3 +297,57 @@ def run_card(config: Mapping[str, Any], model: nn.Module, connection: Mapping[st
         "git_commit": git_commit(),
         "torch_version": torch.__version__,
     }
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, data, attack, batch_size: int, device: torch.device,
+              dist: Distributed, amp: bool) -> float:
+    """Accuracy (under ``attack`` when given) on this rank's shard of ``data``, summed over ranks."""
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    indices = torch.arange(dist.rank, len(data), dist.world_size)
+    for start in range(0, len(indices), batch_size):
+        x, y = data.batch(indices[start:start + batch_size])
+        x, y = x.to(device), y.to(device)
+        with autocast_for(device, amp):
+            if attack is not None:
+                with torch.enable_grad():
+                    x = attack(model, x, y)
+            counts[0] += (model(x).argmax(1) == y).sum()
+        counts[1] += len(y)
+    counts = dist.all_reduce_sum(counts)
+    return float(counts[0] / counts[1]) if counts[1] else float("nan")
+
+
+class Tracker:
+    """Metrics to TensorBoard or comet_ml when asked for and installed (the ``tracking`` extra)."""
+
+    def __init__(self, kind: str, run_dir: Path, is_writer: bool):
+        self.kind, self.writer, self.experiment = kind, None, None
+        if not is_writer or kind in (None, "none"):
+            return
+        try:
+            if kind == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            elif kind == "comet":
+                import comet_ml
+                self.experiment = comet_ml.Experiment(project_name="robustbench-conn")
+            else:
+                raise TrainError(f"--tracking {kind!r} is unknown: use none, tensorboard or comet.")
+        except ImportError:
+            raise TrainError(f"--tracking {kind} needs the tracking extra: pip install 'robustbench-conn[tracking]'.") \
+                from None
+
+    def log(self, row: Mapping[str, Any], epoch: int) -> None:
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
+        if self.writer is not None:
+            for key, value in numbers.items():
+                self.writer.add_scalar(key, value, epoch)
+        if self.experiment is not None:
+            self.experiment.log_metrics(numbers, epoch=epoch)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.experiment is not None:
+            self.experiment.end()
