@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 import yaml
+from torch import nn
 
 __all__ = ["CheckpointError", "atomic_path", "atomic_write_text", "atomic_save", "load_checkpoint",
            "save_weights", "load_weights", "sha256_file", "git_commit", "write_json", "read_json",
@@ -178,7 +179,9 @@ def model_from_card(card: Mapping[str, Any]) -> torch.nn.Module:
 def load_model(path: str | os.PathLike, which: str = "final") -> tuple[torch.nn.Module, dict]:
     """Rebuild a trained model from a run folder: ``final`` (EMA safetensors), ``best`` or ``last`` checkpoint.
 
-    Returns ``(model in eval mode, model card)``; the card gains ``weights_path`` and ``weights_sha256``.
+    Returns ``(model in eval mode, model card)``; the card gains ``weights_path`` and ``weights_sha256``. The model
+    takes images in [0, 1]: a network trained on normalised inputs (timm's ImageNet path) comes with its
+    normalisation in front.
     """
     run_dir = Path(path)
     card = read_model_card(run_dir)
@@ -200,6 +203,11 @@ def load_model(path: str | os.PathLike, which: str = "final") -> tuple[torch.nn.
         raise CheckpointError(f"{weights_path} does not fit {card['model']}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}.")
     card = dict(card, weights_path=str(weights_path), weights_sha256=sha256_file(weights_path))
+    data = card.get("data") or {}
+    if data.get("normalize_outside_model"):
+        # timm-style ImageNet weights expect normalised inputs; everything here feeds [0, 1] images.
+        from .models import Normalize
+        model = nn.Sequential(Normalize(data["mean"], data["std"]), model)
     return model.eval(), card
 
 

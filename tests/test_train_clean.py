@@ -204,6 +204,24 @@ def test_killed_run_resumes_to_the_same_weights(c100, tmp_path, monkeypatch):
     assert [r["epoch"] for r in _metrics(killed)] == ["1", "2"]
 
 
+def test_imagenet_run_loads_for_evaluation_with_its_normalisation_in_front(folder, tmp_path):
+    """timm-style weights expect normalised inputs; load_model hands evaluation a model that takes [0, 1] images."""
+    from robustbench_conn.io import model_from_card
+
+    run = tmp_path / "run"
+    assert main(["--config", str(PAPER / "preresnet38_suppression.yaml"), "--data-dir", str(folder), "--img-size",
+                 "32", "--batch-size", "4", "--epochs", "1", "--max-steps-per-epoch", "1", "-j", "0",
+                 "--eval-max-samples", "2", "--out", str(run), *QUIET]) == 0
+    model, card = load_model(run)
+    bare = model_from_card(card)
+    bare.load_state_dict(load_weights(run / "model.safetensors"))
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor(card["data"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(card["data"]["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(model(x), bare.eval()((x - mean) / std), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_killed_imagenet_run_resumes_to_the_same_weights(folder, tmp_path, monkeypatch):
     """RandAugment and mixup draw from python's and numpy's generators: the checkpoint carries them too."""
