@@ -6,8 +6,10 @@ torchattacks' PGD-k, on the same model and batch; on CUDA also images/s with bf1
 
 The floor is k iterations of forward, loss and ``torch.autograd.grad`` with respect to the input only, with the
 model in eval mode and its parameters frozen: exactly the work PGD cannot avoid. Targets: ours / floor <= 1.05,
-ours / torchattacks <= 1.00. The three timings are interleaved within each repeat (so a load change on a shared
-machine hits all three alike) after warm-up calls, and the median over repeats is reported.
+ours / torchattacks <= 1.00. The three timings are interleaved within each repeat, in a rotating order (so a load
+change on a shared machine hits all three alike), after warm-up calls, and the median over repeats is reported. On
+CPU the clock is process CPU time with one torch thread (robust to other jobs on a shared machine); wall-clock
+ratios are given beside.
 The figures go to the section "## Attack cost (benchmarks/attack_cost.py)" of benchmarks/RESULTS.md (other sections
 are kept) with the command line and a description of the machine, unless --no-write.
 """
@@ -33,7 +35,7 @@ from robustbench_conn.models import Normalize, create_model
 
 SECTION = "## Attack cost (benchmarks/attack_cost.py)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-MODELS = ("nrn-58-1-swish", "resnet18")
+MODELS = ("nrn-58-1-swish", "resnet18", "tiny-cnn")
 
 
 def resnet18_cifar(num_classes: int = 10) -> nn.Module:
@@ -45,9 +47,18 @@ def resnet18_cifar(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(Normalize(), net)
 
 
+def tiny_cnn(num_classes: int = 10) -> nn.Module:
+    """A deliberately tiny network (one 3x3 conv): its fwd+bwd is so cheap that the attack's own per-step
+    arithmetic shows up in the ratios, instead of drowning in the model's cost and the timing noise."""
+    return nn.Sequential(Normalize(), nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, num_classes))
+
+
 def build_model(name: str) -> nn.Module:
     if name == "resnet18":
         return resnet18_cifar()
+    if name == "tiny-cnn":
+        return tiny_cnn()
     if name == "nrn-58-1-swish":
         return create_model("nrn-58-1-swish", connection="suppression", init_channels=8)
     return create_model(name)
@@ -126,9 +137,10 @@ def measure(name: str, args, device: torch.device) -> dict:
             fn()
     wall = {key: [] for key in runs}
     cpu = {key: [] for key in runs}
-    for _ in range(args.repeats):
-        for key, fn in runs.items():
-            w, c = timed(fn, device)
+    order = list(runs)
+    for repeat in range(args.repeats):
+        for key in order[repeat % 3:] + order[:repeat % 3]:      # rotate, so no method always runs first
+            w, c = timed(runs[key], device)
             wall[key].append(w)
             cpu[key].append(c)
     # On CPU the clock is process CPU time (robust to other jobs on a shared machine), on CUDA wall time.
@@ -205,8 +217,13 @@ def render(rows: list[dict], args, device: torch.device, command: str) -> str:
 
 def write_section(path: Path, text: str) -> None:
     """Replace (or append) our section of ``path``, keeping every other section as it is."""
+    import hashlib
+    import tempfile
+
     from filelock import FileLock
-    with FileLock(str(path) + ".lock"):
+    # The lock file lives in the temp folder, not beside RESULTS.md, so no stray file lands in the repository.
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    with FileLock(os.path.join(tempfile.gettempdir(), f"results-md-{key}.lock")):
         old = path.read_text() if path.exists() else "# Benchmark results\n"
         lines = old.splitlines(keepends=True)
         start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
@@ -222,7 +239,8 @@ def write_section(path: Path, text: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS),
-                        help="comma-separated: nrn-58-1-swish (init 8), resnet18, or any create_model name")
+                        help="comma-separated: nrn-58-1-swish (init 8), resnet18 (CIFAR-adapted torchvision), "
+                             "tiny-cnn (shows the per-step overhead), or any create_model name")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="k of PGD-k")
     parser.add_argument("--repeats", type=int, default=3)
