@@ -31,7 +31,9 @@ def make_record(**kw) -> EvalRecord:
 def test_eps_fractions_are_exact_and_distinct_from_decimals():
     e = parse_eps("8/255")
     assert e.text == "8/255" and e.value == Fraction(8, 255) and float(e) == 8 / 255
-    assert parse_eps("16/510").text == "8/255"
+    assert parse_eps("16/510").text == "8/255" and parse_eps("48/255").text == "48/255"
+    assert parse_eps("1/2").text == "0.5" == parse_eps(0.5).text and parse_eps("1/7").text == "1/7"
+    assert parse_eps(Fraction(8, 255)).text == "8/255" and parse_eps("2.50").text == "2.5"
     assert parse_eps(" 0.031 ").text == "0.031" and parse_eps("0.031").value == Fraction(31, 1000)
     assert parse_eps("0.0310").text == "0.031"
     assert parse_eps("0.031") != parse_eps("8/255")

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-__all__ = ["Eps", "parse_eps", "EpsError"]
+__all__ = ["Eps", "parse_eps", "eps_text", "EpsError"]
 
 
 class EpsError(ValueError):
@@ -28,66 +28,66 @@ class Eps:
 
 
 def parse_eps(spec) -> Eps:
-    """``'8/255'`` -> Eps(8/255, '8/255'); ``'0.031'`` -> Eps(31/1000, '0.031'); ``2`` -> Eps(2, '2').
+    """Read a radius: ``'8/255'``, ``'0.031'``, ``0.5``, ``2``, a ``Fraction``.
 
-    Fractions are reduced (``'16/510'`` -> ``'8/255'``); decimals keep their decimal text; floats given as Python
-    floats are read through ``repr`` (``0.5`` -> ``'0.5'``). Negative, non-finite or malformed values are errors.
+    The text depends only on the exact value, so one radius has one text whatever way it was written: ``k/255``
+    when 255 times the value is an integer (``'16/510'`` -> ``'8/255'``, ``'48/255'`` stays), else a terminating
+    decimal of at most 8 places (``'1/2'`` -> ``'0.5'``, ``'0.0310'`` -> ``'0.031'``), else the reduced fraction
+    (``'1/7'``). Python floats are read through ``repr`` (``0.1`` -> ``'0.1'``). Negative, non-finite or malformed
+    values are errors.
     """
     if isinstance(spec, Eps):
         return spec
-    if isinstance(spec, bool):
-        raise EpsError(f"eps {spec!r} is not a number; write it as a fraction like 8/255 or a decimal like 0.5.")
+    bad = f"eps {spec!r} is not a number; write it as a fraction like 8/255 or a decimal like 0.5."
+    if isinstance(spec, bool) or spec is None:
+        raise EpsError(bad)
     if isinstance(spec, Fraction):
         value = spec
-        text = _fraction_text(value)
     elif isinstance(spec, int):
-        value, text = Fraction(spec), str(spec)
+        value = Fraction(spec)
     elif isinstance(spec, float):
         if not math.isfinite(spec):
             raise EpsError(f"eps {spec!r} is not finite.")
-        text = repr(spec)
-        value = Fraction(text)
-        text = _decimal_text(text)
+        value = Fraction(repr(spec))
     elif isinstance(spec, str):
         s = spec.strip()
-        if "/" in s:
-            num, _, den = s.partition("/")
-            try:
+        try:
+            if "/" in s:
+                num, _, den = s.partition("/")
                 n, d = Fraction(num.strip()), Fraction(den.strip())
-            except (ValueError, ZeroDivisionError):
-                raise EpsError(f"eps {spec!r} is not a fraction like 8/255.") from None
-            if d == 0:
-                raise EpsError(f"eps {spec!r} divides by zero.")
-            value = n / d
-            text = _fraction_text(value)
-        else:
-            try:
+                if d == 0:
+                    raise EpsError(f"eps {spec!r} divides by zero.")
+                value = n / d
+            else:
                 value = Fraction(s)
-            except (ValueError, ZeroDivisionError):
-                raise EpsError(f"eps {spec!r} is not a number; write it as a fraction like 8/255 or a decimal "
-                               "like 0.5.") from None
-            text = _decimal_text(s)
+        except EpsError:
+            raise
+        except (ValueError, ZeroDivisionError):
+            raise EpsError(bad) from None
     else:
-        raise EpsError(f"eps {spec!r} is not a number; write it as a fraction like 8/255 or a decimal like 0.5.")
+        raise EpsError(bad)
     if value < 0:
         raise EpsError(f"eps {spec!r} is negative.")
-    return Eps(value, text)
+    return Eps(value, eps_text(value))
 
 
-def _fraction_text(value: Fraction) -> str:
-    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
-
-
-def _decimal_text(text: str) -> str:
-    """A decimal's canonical text: no sign, no trailing zeros (``'0.50'`` -> ``'0.5'``, ``'1.0'`` -> ``'1'``)."""
-    value = Fraction(text)
+def eps_text(value: Fraction) -> str:
+    """The canonical text of an exact radius (see :func:`parse_eps`)."""
     if value.denominator == 1:
         return str(value.numerator)
-    t = text.strip().lstrip("+")
-    if "e" in t.lower():
-        return _fraction_text(value) if len(_fraction_text(value)) < 12 else format(float(value), ".17g")
-    if "." in t:
-        t = t.rstrip("0").rstrip(".")
-    if t.startswith("."):
-        t = "0" + t
-    return t
+    if (value * 255).denominator == 1:
+        return f"{value * 255}/255"
+    d = value.denominator
+    twos = fives = 0
+    while d % 2 == 0:
+        d //= 2
+        twos += 1
+    while d % 5 == 0:
+        d //= 5
+        fives += 1
+    places = max(twos, fives)
+    if d == 1 and places <= 8:
+        scaled = value * 10 ** places
+        text = f"{scaled.numerator // 10 ** places}.{scaled.numerator % 10 ** places:0{places}d}"
+        return text.rstrip("0").rstrip(".")
+    return f"{value.numerator}/{value.denominator}"
