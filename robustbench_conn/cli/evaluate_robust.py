@@ -158,7 +158,8 @@ def _run(args) -> int:
         paths = output_paths(args.out)
         check_leaderboard_file(paths["csv"])
         entries = [load_entry(r) for r in args.runs]
-        entries += [load_robustbench_model(name, args.model_dir, args.data, args.norm)
+        zoo_data = Path(str(args.data_dir)).name if args.data == "npz" and args.data_dir else args.data
+        entries += [load_robustbench_model(name, args.model_dir, zoo_data, args.norm)
                     for name in args.robustbench_model]
 
         def progress(info):

@@ -180,6 +180,9 @@ def _load_points(data, split: str, data_dir, n_examples: int | None, images, lab
 
     dataset = get_dataset(data, split, data_dir) if isinstance(data, str) else data
     name = data if isinstance(data, str) else str(getattr(dataset, "source", "custom")).split("/")[0]
+    if name in ("npz", "imagefolder") and data_dir:  # name the files: npz:cifar10 for ../shared/data/cifar10
+        first = str(data_dir).split(",")[0].rstrip("/")
+        name = f"{name}:{Path(first).stem if Path(first).suffix == '.npz' else Path(first).name}"
     total = len(dataset)
     n = total if n_examples is None else n_examples
     if n > total:

@@ -1,0 +1,111 @@
+"""Harness overhead: wall time of ``robustbench_conn.evaluation.evaluate`` (suite autoattack: sanity gate, AutoAttack
+through robustbench_conn.attacks, float32 re-score, checks, CSV merge under lock, pivot, model info) divided by the
+wall time of pyautoattack called directly on the same model, points, eps, version and seed. Target: <= 1.03.
+
+    .venv/bin/python benchmarks/harness_overhead.py --n 100 --eps 8/255 --repeats 2
+
+The model is a small MLP trained on the embedded digits data for a few seconds (no download). Runs alternate
+direct / harness / harness / direct ... so slow drifts of a shared machine hit both sides alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    from robustbench_conn.data import get_dataset
+
+    model = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 10))
+    data = get_dataset("digits", "train")
+    x, y = data.batch(torch.arange(len(data)))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(30):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 128):
+            idx = perm[i:i + 128]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=100, help="test points (the first N of digits/test)")
+    p.add_argument("--eps", default="8/255")
+    p.add_argument("--version", default="standard")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs of each side")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write the figures here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("auto-attack").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+
+    import pyautoattack
+
+    from robustbench_conn.data import get_dataset
+    from robustbench_conn.evaluation import evaluate, parse_eps
+
+    eps = parse_eps(args.eps)
+    model = tiny_model()
+    x, y = get_dataset("digits", "test").batch(torch.arange(args.n))
+
+    def direct() -> tuple[float, int]:
+        start = time.perf_counter()
+        adversary = pyautoattack.AutoAttack(model, eps=float(eps), norm="Linf", device="cpu", seed=0,
+                                            version=args.version)
+        adversary.logger.setLevel(logging.ERROR)
+        _, y_adv = adversary.run_standard_evaluation(x.clone(), y.clone(), batch_size=args.batch_size)
+        return time.perf_counter() - start, int((y_adv == y).sum())
+
+    def harness() -> tuple[float, int]:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            (record,) = evaluate(model, "digits", images=x, labels=y, suites=["autoattack"], eps=[eps.text],
+                                 version=args.version, seed=0, batch_size=args.batch_size,
+                                 out=Path(tmp) / "leaderboard.csv")
+            return time.perf_counter() - start, record.n_robust
+
+    times = {"direct": [], "harness": []}
+    robust = {"direct": set(), "harness": set()}
+    order = []
+    for r in range(args.repeats):
+        order += ["direct", "harness"] if r % 2 == 0 else ["harness", "direct"]
+    for side in order:
+        seconds, n_robust = (direct if side == "direct" else harness)()
+        times[side].append(seconds)
+        robust[side].add(n_robust)
+        print(f"{side:8s} {seconds:8.2f} s  robust {n_robust}/{args.n}", flush=True)
+    ratio_median = statistics.median(times["harness"]) / statistics.median(times["direct"])
+    ratio_total = sum(times["harness"]) / sum(times["direct"])
+    result = {"n": args.n, "eps": eps.text, "version": args.version, "repeats": args.repeats,
+              "threads": args.threads, "direct_s": times["direct"], "harness_s": times["harness"],
+              "ratio_median": ratio_median, "ratio_total": ratio_total,
+              "same_robust_count": robust["direct"] == robust["harness"] and len(robust["direct"]) == 1,
+              "robust": sorted(robust["direct"]), "torch": torch.__version__,
+              "pyautoattack": pyautoattack.__version__, "python": platform.python_version(),
+              "machine": f"{platform.machine()} {platform.processor()}".strip()}
+    print(f"harness / direct: {ratio_median:.4f} (medians), {ratio_total:.4f} (totals); same robust count: "
+          f"{result['same_robust_count']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
