@@ -19,8 +19,8 @@ from ..data import ArrayDataset, DataError, MixedBatchSampler, check_num_classes
 from ..models import create_model, learned_decay, resolve_connection
 from ..models.connection import ConnectionConfig, parse_settings
 from .common import (Distributed, MetricsLog, ModelEma, NonFiniteLoss, RunFolder, TrainError, Tracker, autocast_for,
-                     build_optimizers, build_scheduler, capture_rng, evaluate_accuracy, random_crop_flip, restore_rng,
-                     run_card)
+                     build_optimizers, build_scheduler, evaluate_accuracy, random_crop_flip, restore_training_state,
+                     run_card, training_state)
 from .losses import clean_loss, pgd_at_loss, trades_loss
 
 __all__ = ["train", "METHODS", "build_connection", "load_training_data"]
@@ -129,16 +129,9 @@ def train(config: Mapping[str, Any]) -> Path:
     # resume
     start_epoch, best = 1, -math.inf
     if run.resume:
-        state = run.load_checkpoint("last")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if decay_optimizer is not None:
-            decay_optimizer.load_state_dict(state["decay_optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        restore_rng(state["rng"], device)
-        start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+        start_epoch, best = restore_training_state(run.load_checkpoint("last"), model=model, optimizer=optimizer,
+                                                   scheduler=scheduler, decay_optimizer=decay_optimizer, ema=ema,
+                                                   device=device)
     tracker = Tracker(config.get("tracking", "none"), run.path, dist.is_writer)
     run.prepare(config)
     log = MetricsLog(run.path / "metrics.csv", dist.is_writer, keep_until_epoch=start_epoch - 1 if run.resume else 0)
@@ -218,10 +211,8 @@ def train(config: Mapping[str, Any]) -> Path:
         score = row["val_pgd_acc"] if robust_now else (row["val_clean_acc"] if eval_attack is None else None)
         is_best = score is not None and not math.isnan(score) and score > best
         best = score if is_best else best
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "decay_optimizer": decay_optimizer.state_dict() if decay_optimizer is not None else None,
-                 "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "best": best,
-                 "rng": capture_rng(device), "config": dict(config)}
+        state = training_state(model=model, optimizer=optimizer, scheduler=scheduler, decay_optimizer=decay_optimizer,
+                               ema=ema, epoch=epoch, best=best, device=device, config=config)
         run.save_checkpoint(state, "last")
         if is_best:
             run.save_checkpoint(state, "best")

@@ -37,8 +37,8 @@ from ..models.cifar import Normalize
 from ..models.connection import ConnectionConfig
 from .adversarial import build_connection, load_training_data
 from .common import (Distributed, MetricsLog, ModelEma, NonFiniteLoss, RunFolder, TrainError, Tracker, autocast_for,
-                     build_optimizers, build_scheduler, capture_rng, evaluate_accuracy, random_crop_flip, restore_rng,
-                     run_card)
+                     build_optimizers, build_scheduler, evaluate_accuracy, random_crop_flip, restore_training_state,
+                     run_card, training_state)
 from .sam import SAM
 
 __all__ = ["train", "RECIPE_KEYS"]
@@ -369,22 +369,6 @@ def _tuple(value):
     return tuple(value) if value else None
 
 
-def _host_rng() -> dict:
-    """Python's and numpy's generators (timm's RandAugment and Mixup draw from them), as plain data."""
-    np_state = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])]}
-
-
-def _restore_host_rng(state: Mapping[str, Any]) -> None:
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "numpy" in state:
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
-
-
 # ------------------------------------------------------------------------------------------------ the trainer
 
 def train(config: Mapping[str, Any]) -> Path:
@@ -426,17 +410,9 @@ def train(config: Mapping[str, Any]) -> Path:
     # resume
     start_epoch, best = 1, -math.inf
     if run.resume:
-        state = run.load_checkpoint("last")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        if decay_optimizer is not None:
-            decay_optimizer.load_state_dict(state["decay_optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        restore_rng(state["rng"], device)
-        _restore_host_rng(state["rng"])
-        start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+        start_epoch, best = restore_training_state(run.load_checkpoint("last"), model=model, optimizer=optimizer,
+                                                   scheduler=schedule, decay_optimizer=decay_optimizer, ema=ema,
+                                                   device=device)
         schedule.resumed_at(start_epoch - 1)
     tracker = Tracker(config.get("tracking", "none"), run.path, dist.is_writer)
     run.prepare(config)
@@ -521,10 +497,8 @@ def train(config: Mapping[str, Any]) -> Path:
 
         is_best = not math.isnan(row["val_acc"]) and row["val_acc"] > best
         best = row["val_acc"] if is_best else best
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-                 "decay_optimizer": decay_optimizer.state_dict() if decay_optimizer is not None else None,
-                 "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "best": best,
-                 "rng": {**capture_rng(device), **_host_rng()}, "config": dict(config)}
+        state = training_state(model=model, optimizer=optimizer, scheduler=schedule, decay_optimizer=decay_optimizer,
+                               ema=ema, epoch=epoch, best=best, device=device, config=config)
         run.save_checkpoint(state, "last")
         if is_best:
             run.save_checkpoint(state, "best")

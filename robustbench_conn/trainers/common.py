@@ -19,11 +19,13 @@ import hashlib
 import json
 import math
 import os
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -34,7 +36,7 @@ from ..io import (FINAL_WEIGHTS, CheckpointError, atomic_path, atomic_save, atom
 from ..models import learned_decay, parameter_groups
 
 __all__ = ["TrainError", "NonFiniteLoss", "Tracker", "evaluate_accuracy", "RunFolder", "ModelEma", "Distributed", "build_optimizers", "build_scheduler",
-           "random_crop_flip", "config_hash", "capture_rng", "restore_rng", "autocast_for", "MetricsLog"]
+           "random_crop_flip", "config_hash", "capture_rng", "restore_rng", "training_state", "restore_training_state", "autocast_for", "MetricsLog"]
 
 # Fields that do not change what a run computes: two runs that differ only in these share a config hash.
 _NON_RECIPE_KEYS = {"seed", "out", "log_dir", "desc", "device", "resume", "overwrite", "config", "tracking",
@@ -261,16 +263,49 @@ def random_crop_flip(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
 
 
 def capture_rng(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
+    """Every generator a step may draw from, as plain data: torch's (CPU and CUDA), Python's and numpy's (timm's
+    RandAugment and Mixup draw from the last two)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])]}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: Mapping[str, torch.Tensor], device: torch.device) -> None:
+def restore_rng(state: Mapping[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+
+
+def training_state(*, model: nn.Module, optimizer, scheduler, decay_optimizer, ema: "ModelEma | None", epoch: int,
+                   best: float, device: torch.device, config: Mapping[str, Any]) -> dict:
+    """Everything a resumed run needs to continue bit for bit, as a checkpoint dict."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "decay_optimizer": decay_optimizer.state_dict() if decay_optimizer is not None else None,
+            "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "best": best,
+            "rng": capture_rng(device), "config": dict(config)}
+
+
+def restore_training_state(state: Mapping[str, Any], *, model: nn.Module, optimizer, scheduler, decay_optimizer,
+                           ema: "ModelEma | None", device: torch.device) -> tuple[int, float]:
+    """Load a :func:`training_state` checkpoint into the live objects; returns (next epoch, best score so far)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if decay_optimizer is not None:
+        decay_optimizer.load_state_dict(state["decay_optimizer"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    restore_rng(state["rng"], device)
+    return int(state["epoch"]) + 1, float(state["best"])
 
 
 def autocast_for(device: torch.device, amp: bool):
