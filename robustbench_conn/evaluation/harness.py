@@ -516,7 +516,11 @@ def _run_batch(job: _Job, model, x: Tensor, y: Tensor, clean: Tensor, *, device,
         attack = PGD(eps=eps, alpha=max(eps * job.step_size, 1e-12), steps=job.steps, norm=norm,
                      restarts=job.restarts, loss=job.loss, random_start=True, early_stop=True,
                      seed=seed + 7919 * batch_index)
-        x_adv = attack(model, xd, yd)
+        # Only points the model gets right can be broken: attack those (as AutoAttack does), keep the rest.
+        correct = clean.to(device)
+        x_adv = xd.clone()
+        if correct.any():
+            x_adv[correct] = attack(model, xd[correct], yd[correct])
         reported = None
     else:
         aa = AutoAttack(eps=eps, norm=norm, version=job.version, attacks=list(job.aa_attacks) if job.aa_attacks
