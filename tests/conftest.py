@@ -1,6 +1,7 @@
 """Shared test fixtures: the real CIFAR-10 copy in ../shared, and CPU-only determinism."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
 
-torch.set_num_threads(2)
+# Two threads (CI's cores) unless OMP_NUM_THREADS says otherwise: on a loaded machine more threads than free cores
+# slow torch down by orders of magnitude.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 @pytest.fixture

@@ -182,7 +182,7 @@ def train(config: Mapping[str, Any]) -> Path:
                 ema.update(model)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
-            if dist.is_writer and bar.n % 10 == 0:
+            if not bar.disable:  # the NaN check above has already synchronised: reading the loss is free
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
                                 acc=f"{float(metrics.get('adv_acc', metrics['clean_acc'])):.3f}")
         bar.close()
