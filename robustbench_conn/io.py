@@ -24,6 +24,8 @@ __all__ = ["CheckpointError", "atomic_path", "atomic_write_text", "atomic_save",
            "write_model_card", "read_model_card", "model_from_card", "load_model", "MODEL_CARD", "FINAL_WEIGHTS"]
 
 MODEL_CARD = "model_card.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 FINAL_WEIGHTS = "model.safetensors"
 
 
@@ -43,6 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600); a result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
