@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import yaml
 
-__all__ = ["parse_with_config", "run_main", "str2bool", "UsageError"]
+__all__ = ["parse_with_config", "run_main", "run_training", "str2bool", "UsageError"]
 
 class UsageError(ValueError):
     """A bad flag or config value."""
@@ -72,3 +72,14 @@ def run_main(prog: str, body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; resume with --resume.", file=sys.stderr)
         return 130
+
+
+def run_training(prog: str, argv: Sequence[str] | None, build_parser: Callable[[], argparse.ArgumentParser],
+                 resolve: Callable[[argparse.Namespace], dict], train: Callable[[dict], Path]) -> int:
+    """The body of a training command: flags (with --config defaults) -> resolved config -> run folder."""
+    def body() -> int:
+        run_dir = train(resolve(parse_with_config(build_parser(), argv)))
+        print(f"{prog}: finished; run folder {run_dir}")
+        return 0
+
+    return run_main(prog, body)

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from ..data import DATASETS
 from ..trainers.sam import MINIMIZERS
-from ._config import UsageError, parse_with_config, run_main, str2bool
+from ._config import UsageError, run_training, str2bool
 
 PROG = "train-clean"
 
@@ -273,15 +273,9 @@ def resolve(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    def body() -> int:
-        args = parse_with_config(build_parser(), argv)
-        config = resolve(args)
-        from ..trainers.clean import train
-        run_dir = train(config)
-        print(f"{PROG}: finished; run folder {run_dir}")
-        return 0
+    from ..trainers.clean import train
 
-    return run_main(PROG, body)
+    return run_training(PROG, argv, build_parser, resolve, train)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from ..data import DATASETS
-from ._config import UsageError, parse_with_config, run_main, str2bool
+from ._config import UsageError, run_training, str2bool
 
 PROG = "train-robust"
 
@@ -129,15 +129,9 @@ def resolve(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    def body() -> int:
-        args = parse_with_config(build_parser(), argv)
-        config = resolve(args)
-        from ..trainers.adversarial import train
-        run_dir = train(config)
-        print(f"{PROG}: finished; run folder {run_dir}")
-        return 0
+    from ..trainers.adversarial import train
 
-    return run_main(PROG, body)
+    return run_training(PROG, argv, build_parser, resolve, train)
 
 
 if __name__ == "__main__":
