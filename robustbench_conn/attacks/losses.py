@@ -18,7 +18,6 @@ attacker. In targeted mode ``labels`` are the target classes.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import yaml
 
-__all__ = ["parse_with_config", "run_main", "run_training", "str2bool", "UsageError"]
+__all__ = ["parse_with_config", "run_main", "run_training", "check_one_step_form", "str2bool", "UsageError"]
 
 class UsageError(ValueError):
     """A bad flag or config value."""
@@ -83,3 +83,11 @@ def run_training(prog: str, argv: Sequence[str] | None, build_parser: Callable[[
         return 0
 
     return run_main(prog, body)
+
+
+def check_one_step_form(config: dict) -> None:
+    """The research code's multistep flags are accepted only with their published one-step values; pops them."""
+    if config.pop("coes_b", None) not in (None, [-1.0, 0.0]) or config.pop("coes_a", None) not in (None, [1.0, 0.0]) \
+            or config.pop("conver_ord", None) not in (None, 1):
+        raise UsageError("only the one-step form (--givenA 1 0 --givenB -1 0 --ConverOrd 1) of the paper's "
+                         "multistep connection is supported.")

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from ..data import DATASETS
 from ..trainers.sam import MINIMIZERS
-from ._config import UsageError, run_training, str2bool
+from ._config import UsageError, check_one_step_form, run_training, str2bool
 
 PROG = "train-clean"
 
@@ -182,13 +182,10 @@ def _cuda() -> bool:
 def resolve(args: argparse.Namespace) -> dict:
     """Check the flags together and return the config dict the trainer takes (and saves)."""
     config = vars(args).copy()
-    if config.get("coes_b") not in (None, [-1.0, 0.0]) or config.get("coes_a") not in (None, [1.0, 0.0]) \
-            or config.get("conver_ord") not in (None, 1):
-        raise UsageError("only the one-step form (--givenA 1 0 --givenB -1 0 --ConverOrd 1) of the paper's "
-                         "multistep connection is supported.")
+    check_one_step_form(config)
     if config.get("multistep_steps") not in (None, 1, 2) or config.get("ini_stepsize") not in (None, 1.0):
         raise UsageError("--steps must be 1 or 2 and --ini_stepsize 1 (the published one-step form).")
-    for key in ("coes_b", "coes_a", "conver_ord", "multistep_steps", "ini_stepsize", "model_ema", "native_amp"):
+    for key in ("multistep_steps", "ini_stepsize", "model_ema", "native_amp"):
         config.pop(key, None)
 
     # model

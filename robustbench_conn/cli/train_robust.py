@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from ..data import DATASETS
-from ._config import UsageError, run_training, str2bool
+from ._config import UsageError, check_one_step_form, run_training, str2bool
 
 PROG = "train-robust"
 
@@ -93,15 +93,10 @@ def _cuda() -> bool:
 def resolve(args: argparse.Namespace) -> dict:
     """Check the flags together and return the config dict the trainer takes (and saves)."""
     config = vars(args).copy()
-    if config.get("coes_b") not in (None, [-1.0, 0.0]) or config.get("coes_a") not in (None, [1.0, 0.0]) \
-            or config.get("conver_ord") not in (None, 1):
-        raise UsageError("only the one-step form (--givenA 1 0 --coesB -1 0 --ConverOrd 1) of the paper's "
-                         "multistep connection is supported.")
+    check_one_step_form(config)
     if any(config.pop("legacy_false") or []):
         raise UsageError("--learn/--IniRes/--Mask True are research switches this suite does not implement; "
                          "the published commands pass False.")
-    for key in ("coes_b", "coes_a", "conver_ord"):
-        config.pop(key, None)
     if not config.get("out"):
         if config.get("log_dir"):
             config["out"] = os.path.join(config["log_dir"], config.get("desc") or "run")

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..attacks import PGD, AttackError, AutoAttack, frozen_eval
+from ..attacks import PGD, AutoAttack, frozen_eval
 from ..io import CheckpointError, git_commit, load_model, read_model_card, sha256_file
 from .eps import Eps, parse_eps
 from .leaderboard import (check_leaderboard_file, merge_records, write_model_info, write_pivot)

@@ -7,7 +7,7 @@ import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from .records import EvalRecord
 

@@ -18,8 +18,8 @@ from ..attacks import PGD
 from ..data import ArrayDataset, DataError, MixedBatchSampler, check_num_classes, get_dataset, load_npz
 from ..models import create_model, learned_decay, resolve_connection
 from ..models.connection import ConnectionConfig, parse_settings
-from .common import (Distributed, MetricsLog, ModelEma, NonFiniteLoss, RunFolder, TrainError, Tracker, autocast_for,
-                     build_optimizers, build_scheduler, evaluate_accuracy, random_crop_flip, restore_training_state,
+from .common import (Distributed, MetricsLog, ModelEma, RunFolder, TrainError, Tracker, autocast_for,
+                     build_optimizers, build_scheduler, check_finite, evaluate_accuracy, random_crop_flip, restore_training_state,
                      run_card, training_state)
 from .losses import clean_loss, pgd_at_loss, trades_loss
 
@@ -164,10 +164,7 @@ def train(config: Mapping[str, Any]) -> Path:
                         loss, metrics = pgd_at_loss(train_model, x, x_adv, y,
                                                     label_smoothing=config["label_smoothing"])
             step += 1
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"the loss became {float(loss.detach())} at epoch {epoch}, step {step}; training stopped "
-                                    f"and {run.checkpoints / 'last.pt'} keeps the last good epoch: lower --lr or "
-                                    "--decay-lr, or set --clip-grad.")
+            check_finite(loss, epoch, step, run.checkpoints / "last.pt")
             optimizer.zero_grad(set_to_none=True)
             if decay_optimizer is not None:
                 decay_optimizer.zero_grad(set_to_none=True)

@@ -36,8 +36,8 @@ from ..models import create_model, decay_parameters, learned_decay
 from ..models.cifar import Normalize
 from ..models.connection import ConnectionConfig
 from .adversarial import build_connection, load_training_data
-from .common import (Distributed, MetricsLog, ModelEma, NonFiniteLoss, RunFolder, TrainError, Tracker, autocast_for,
-                     build_optimizers, build_scheduler, evaluate_accuracy, random_crop_flip, restore_training_state,
+from .common import (Distributed, MetricsLog, ModelEma, RunFolder, TrainError, Tracker, autocast_for,
+                     build_optimizers, build_scheduler, check_finite, evaluate_accuracy, random_crop_flip, restore_training_state,
                      run_card, training_state)
 from .sam import SAM
 
@@ -431,10 +431,7 @@ def train(config: Mapping[str, Any]) -> Path:
             with autocast_for(device, config.get("amp", False)):
                 logits = train_model(x)
                 loss = world.loss(logits, target)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"the loss became {float(loss.detach())} at epoch {epoch}, step {updates + 1}; "
-                                    f"training stopped and {run.checkpoints / 'last.pt'} keeps the last good epoch: "
-                                    "lower --lr or --decay-lr, or set --clip-grad.")
+            check_finite(loss, epoch, updates + 1, run.checkpoints / "last.pt")
             optimizer.zero_grad(set_to_none=True)
             if decay_optimizer is not None:
                 decay_optimizer.zero_grad(set_to_none=True)

@@ -35,7 +35,7 @@ from ..io import (FINAL_WEIGHTS, CheckpointError, atomic_path, atomic_save, atom
                   load_checkpoint, save_weights, write_model_card)
 from ..models import learned_decay, parameter_groups
 
-__all__ = ["TrainError", "NonFiniteLoss", "Tracker", "evaluate_accuracy", "RunFolder", "ModelEma", "Distributed", "build_optimizers", "build_scheduler",
+__all__ = ["TrainError", "NonFiniteLoss", "check_finite", "Tracker", "evaluate_accuracy", "RunFolder", "ModelEma", "Distributed", "build_optimizers", "build_scheduler",
            "random_crop_flip", "config_hash", "capture_rng", "restore_rng", "training_state", "restore_training_state", "autocast_for", "MetricsLog"]
 
 # Fields that do not change what a run computes: two runs that differ only in these share a config hash.
@@ -49,6 +49,13 @@ class TrainError(ValueError):
 
 class NonFiniteLoss(TrainError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def check_finite(loss: torch.Tensor, epoch: int, step: int, checkpoint: Path) -> None:
+    """Stop before a NaN or infinite loss updates the weights, saying where, and what to try."""
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"the loss became {float(loss.detach())} at epoch {epoch}, step {step}; training stopped "
+                            f"and {checkpoint} keeps the last good epoch: lower --lr or --decay-lr, or set --clip-grad.")
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
