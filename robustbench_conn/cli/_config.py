@@ -8,10 +8,16 @@ from typing import Callable, Sequence
 
 import yaml
 
-__all__ = ["parse_with_config", "run_main", "run_training", "check_one_step_form", "str2bool", "UsageError"]
+__all__ = ["parse_with_config", "run_main", "run_training", "check_one_step_form", "default_device", "str2bool", "UsageError"]
 
 class UsageError(ValueError):
     """A bad flag or config value."""
+
+
+def default_device() -> str:
+    """``cuda`` when a CUDA device is present, else ``cpu``: the default of every ``--device`` flag."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def str2bool(text: str) -> bool:

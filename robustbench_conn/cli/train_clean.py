@@ -24,7 +24,7 @@ from typing import Sequence
 
 from ..data import DATASETS
 from ..trainers.sam import MINIMIZERS
-from ._config import UsageError, check_one_step_form, run_training, str2bool
+from ._config import UsageError, check_one_step_form, default_device, run_training, str2bool
 
 PROG = "train-clean"
 
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pgd-samples", type=int, help="attack only the first N test images (default: all)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=1)
-    g.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    g.add_argument("--device", default=default_device())
     g.add_argument("--out", help="run folder (or --save_path DIR, the run named after model, settings, --notes)")
     g.add_argument("--save_path", "--save-path", "--output", dest="save_path", help="paper/timm spelling: parent "
                    "folder of the run")
@@ -172,11 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ini_stepsize", "--ini-stepsize", dest="ini_stepsize", type=float, help="h of the multistep "
                    "form; must be 1")
     return p
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def resolve(args: argparse.Namespace) -> dict:

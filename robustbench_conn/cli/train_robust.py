@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from ..data import DATASETS
-from ._config import UsageError, check_one_step_form, run_training, str2bool
+from ._config import UsageError, check_one_step_form, default_device, run_training, str2bool
 
 PROG = "train-robust"
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, default=0.995, help="EMA of the weights (0: off)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=1)
-    g.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    g.add_argument("--device", default=default_device())
     g.add_argument("--out", help="run folder (required unless --log-dir/--desc is given)")
     g.add_argument("--log-dir", help="paper spelling: the run folder is LOG_DIR/DESC")
     g.add_argument("--desc", help="paper spelling: run name under --log-dir")
@@ -83,11 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--learn", "--IniRes", "--Mask", dest="legacy_false", type=str2bool, action="append",
                    help="research switches; only False (their published value) is accepted")
     return p
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def resolve(args: argparse.Namespace) -> dict:

@@ -210,9 +210,7 @@ def train(config: Mapping[str, Any]) -> Path:
         best = score if is_best else best
         state = training_state(model=model, optimizer=optimizer, scheduler=scheduler, decay_optimizer=decay_optimizer,
                                ema=ema, epoch=epoch, best=best, device=device, config=config)
-        run.save_checkpoint(state, "last")
-        if is_best:
-            run.save_checkpoint(state, "best")
+        run.save_epoch(state, is_best)
 
     # the final model: the EMA weights, as safetensors, with a model card
     final = ema.module if ema is not None else model

@@ -496,9 +496,7 @@ def train(config: Mapping[str, Any]) -> Path:
         best = row["val_acc"] if is_best else best
         state = training_state(model=model, optimizer=optimizer, scheduler=schedule, decay_optimizer=decay_optimizer,
                                ema=ema, epoch=epoch, best=best, device=device, config=config)
-        run.save_checkpoint(state, "last")
-        if is_best:
-            run.save_checkpoint(state, "best")
+        run.save_epoch(state, is_best)
 
     final = ema.module if ema is not None else model
     if not final_eval and config.get("pgd_check") and run.resume:  # resumed after the last epoch had finished

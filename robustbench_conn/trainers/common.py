@@ -97,6 +97,12 @@ class RunFolder:
         if self.is_writer:
             atomic_save(dict(state), self.checkpoints / f"{name}.pt")
 
+    def save_epoch(self, state: Mapping[str, Any], is_best: bool) -> None:
+        """``last.pt`` after every epoch, and the same state as ``best.pt`` when this epoch is the best so far."""
+        self.save_checkpoint(state, "last")
+        if is_best:
+            self.save_checkpoint(state, "best")
+
     def load_checkpoint(self, name: str = "last") -> dict:
         state = load_checkpoint(self.checkpoints / f"{name}.pt")
         for key in ("model", "optimizer", "epoch", "rng"):
