@@ -92,10 +92,10 @@ def measure(kwargs: dict, batch: int, k: int, rounds: int, device: torch.device)
     for c, setup in setups.items():  # warm-up: allocator, oneDNN primitives
         for make in kinds.values():
             make(*setup)()
-    for _ in range(rounds):
-        for kind, make in kinds.items():
-            for c, setup in setups.items():
-                times[(c, kind)].append(_timed(make(*setup), device))
+    for r in range(rounds):
+        for kind, make in kinds.items():  # which variant goes first alternates, so position effects cancel
+            for c in (list(setups) if r % 2 == 0 else list(setups)[::-1]):
+                times[(c, kind)].append(_timed(make(*setups[c]), device))
     med = {key: statistics.median(v) for key, v in times.items()}
     out = {}
     for c in setups:

@@ -1,6 +1,7 @@
 """The connection: residual equivalence at d = 0, the shared decay, restart indices, settings strings."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from robustbench_conn.models import (ConnectionConfig, SettingsError, count_parameters, create_model,
                                      decay_parameters, parameter_groups, parse_settings, resolve_connection)
-from robustbench_conn.models.connection import ResidualConnection, SuppressionConnection
+from robustbench_conn.models.connection import ConnectionFactory, ResidualConnection, SuppressionConnection
 
 PAPER_SETTINGS = [
     "Default",
@@ -57,6 +58,53 @@ def test_block_formula_matches_the_paper():
     d = 0.25
     expected = (1 - d) * x + torch.exp(torch.tensor(-d * 2)) * branch(torch.exp(torch.tensor(d * 2)) * x)
     assert torch.allclose(block(x, branch), expected, atol=1e-6)
+
+
+def _reference_block(x, d, l, branch):
+    """The block written with plain autograd ops (what the fused autograd Functions must reproduce)."""
+    scale = torch.exp(d * l)
+    return (1 - d) * x + branch(x * scale) / scale
+
+
+@pytest.mark.parametrize("layer_index", [0, 1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_block_gradients_match_plain_autograd(layer_index, channels_last):
+    """x, d (through delta and phi) and the branch's weights get the gradients of the formula."""
+    config = ConnectionConfig(kind="suppression", init_decay=-0.3, restart_period=None)
+    from robustbench_conn.models.connection import SharedDecay
+    decay = SharedDecay(config).double()
+    block = SuppressionConnection(decay, layer_index, owns_decay=False)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1).double()
+    branch = lambda t: torch.nn.functional.silu(conv(t))  # noqa: E731
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        conv = conv.to(memory_format=torch.channels_last)
+    target = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    grads = []
+    for fn in (lambda t: block(t, branch), lambda t: _reference_block(t, decay(), layer_index, branch)):
+        xi = x.clone().requires_grad_(True)
+        out = fn(xi)
+        loss = (out * target).sum() + out.square().sum()
+        grads.append([g.clone() for g in torch.autograd.grad(loss, [xi, decay.delta, conv.weight])] + [out])
+    for fused, plain in zip(*grads):
+        assert torch.allclose(fused, plain, rtol=1e-10, atol=1e-10)
+    assert grads[0][1].abs() > 1e-3  # the decay's gradient is not trivially zero
+    x64 = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t, delta: block(t, branch), (x64, decay.delta))
+
+
+def test_fused_block_with_a_frozen_decay_gives_input_gradients_only():
+    """Inside an attack the parameters are frozen: no gradient reaches delta, the input's is the formula's."""
+    block = ConnectionFactory(resolve_connection("suppression", init_decay=0.2))(block_index=1)
+    decay = block.decay_module()
+    decay.delta.requires_grad_(False)
+    x = torch.randn(3, 6, requires_grad=True)
+    branch = torch.sin
+    (g,) = torch.autograd.grad(block(x, branch).sum(), x)
+    (ref,) = torch.autograd.grad(_reference_block(x, decay(), 1, branch).sum(), x)
+    assert torch.allclose(g, ref, atol=1e-6) and decay.delta.grad is None
 
 
 def test_decay_is_one_shared_parameter_with_a_gradient():
@@ -186,3 +234,46 @@ def test_connection_config_round_trips_through_a_dict():
     assert resolve_connection(config.to_dict()) == config
     with pytest.raises(SettingsError, match="unknown connection field"):
         ConnectionConfig.from_dict({"kind": "suppression", "inital_decay": 0.1})
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed"])
+def test_dot_of_the_fused_gradients_matches_sum_of_products(layout):
+    from robustbench_conn.models.connection import _dot
+    a, b = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    if layout != "contiguous":
+        a = a.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last":
+        b = b.contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(_dot(a, b), (a * b).sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"restart_period": None}, {"shared": False}])
+def test_chained_network_equals_the_blocks_applied_one_by_one(overrides):
+    """A network's groups run their suppressed blocks as one scaled-domain chain; outputs and gradients (input,
+    every delta, weights) equal those of the paper's formula applied block by block."""
+    config = dataclasses.replace(resolve_connection("suppression", init_decay=0.3), **overrides)
+    torch.manual_seed(0)
+    model = create_model("nrn-28-1-swish", init_channels=4, connection=config).double().train()
+    with torch.no_grad():  # distinct decays per block when not shared, so a mix-up of blocks would show
+        for i, delta in enumerate(decay_parameters(model)):
+            delta.add_(0.05 * i)
+
+    def reference(x):
+        x = model.stem(model.normalize(x))
+        for group in model.stages:
+            for block in group:
+                conn = block.connection
+                x = (_reference_block(x, conn.decay_module()(), conn.layer_index, block.residual_branch)
+                     if isinstance(conn, SuppressionConnection) else block(x))
+        return model.fc(model.pool(model.act(model.bn(x))).flatten(1))
+
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
+    params = decay_parameters(model) + [model.stem.weight, model.stages[2][3].conv1.weight]
+    results = []
+    for forward in (model, reference):
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_(True)
+        out = forward(xi)
+        results.append([out, *torch.autograd.grad(out.logsumexp(1).sum() + out[:, 0].sum(), [xi, *params])])
+    for chained, plain in zip(*results):
+        assert torch.allclose(chained, plain, rtol=1e-9, atol=1e-12)

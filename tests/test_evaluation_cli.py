@@ -2,7 +2,6 @@
 resume after a kill (in-process and a real SIGKILL of the command)."""
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess

@@ -18,7 +18,7 @@ that one key added, into the suppression model.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -26,12 +26,12 @@ from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from timm.models.levit import Levit, LevitBlock, LevitDistilled, LevitDownsample
 from timm.models.resnetv2 import PreActBottleneck, ResNetV2
 
-from .connection import ConnectionConfig, ConnectionFactory, SuppressionConnection, resolve_connection
+from .connection import (ConnectionConfig, ConnectionFactory, SuppressionConnection, resolve_connection,
+                         suppression_chain)
 
 __all__ = [
     "ConnConvNeXtBlock", "ConnLevitBlock", "ConnLevitDownsample", "ConnPreActBottleneck",
     "ConnConvNeXt", "ConnLevit", "ConnLevitDistilled", "ConnResNetV2", "suppressed_blocks", "connection_blocks",
-    "suppression_chain",
 ]
 
 SHARED_DECAY_KEY = "shared_decay.delta"
@@ -75,28 +75,6 @@ class ConnConvNeXtBlock(_ConnectedBlock, ConvNeXtBlock):
         return self.connection(x, self.residual_branch)
 
 
-def suppression_chain(connection: SuppressionConnection, x: torch.Tensor,
-                      branches: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
-    """Consecutive suppression residuals that share one ``l``, computed in the scaled domain.
-
-    Applying ``x -> (1 - d) x + s^-1 F(s x)`` (``s = e^{dl}``) for ``F = F_1, F_2, ...`` in turn equals
-    ``s^-1 R_n(... R_1(s x))`` with ``R_i(y) = (1 - d) y + F_i(y)``: the input is scaled once and the output
-    unscaled once, instead of once per residual, and ``d`` is evaluated once. Exact algebra; with ``d = 0`` it is
-    bit-for-bit the residual chain.
-    """
-    d = connection.decay_module()().to(x.dtype)
-    keep = 1 - d
-    if connection.layer_index == 0:
-        for branch in branches:
-            x = torch.addcmul(branch(x), x, keep)
-        return x
-    scale = torch.exp(d * connection.layer_index)
-    y = x * scale
-    for branch in branches:
-        y = torch.addcmul(branch(y), y, keep)
-    return y / scale
-
-
 class ConnLevitBlock(_ConnectedBlock, LevitBlock):
     """timm ``LevitBlock``: both residuals (attention, then MLP) go through the block's one connection layer,
     so they share its ``l``. With the suppression connection the two are fused (:func:`suppression_chain`)."""
@@ -109,7 +87,7 @@ class ConnLevitBlock(_ConnectedBlock, LevitBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.connection, SuppressionConnection):
-            return suppression_chain(self.connection, x, (self.attn_branch, self.mlp_branch))
+            return suppression_chain(x, [(self.connection, self.attn_branch), (self.connection, self.mlp_branch)])
         x = self.connection(x, self.attn_branch)
         return self.connection(x, self.mlp_branch)
 
