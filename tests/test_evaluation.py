@@ -3,6 +3,7 @@ writers), the pivot with mean +- std over seeds, model-info JSON, the plot, and 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -138,6 +139,8 @@ def test_model_info_json_has_robustbench_fields(tmp_path):
         assert field in info
     assert info["eps"] == "8/255" and info["autoattack_acc"] == "41.23" and info["clean_acc"] == "90.00"
     assert info["autoattack_acc_by_eps"] == {"4/255": "60.00", "8/255": "41.23"}
+    (path,) = write_model_info([dataclasses.replace(recs[0], dataset="npz:cifar10")], tmp_path / "npz")
+    assert path == tmp_path / "npz" / "npz_cifar10" / "Linf" / "wrn-10-1-relu_run0.json"  # no ':' in a path
 
 
 def test_plot_draws_curves_and_learned_decay(tmp_path):

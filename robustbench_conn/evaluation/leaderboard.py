@@ -266,7 +266,8 @@ def write_model_info(records: Sequence[EvalRecord], folder: str | os.PathLike) -
             "autoattack_acc_by_eps": {e: f"{100 * v:.2f}" for e, v in by_eps.items()},
             "checkpoint_sha256": main.checkpoint_sha256, "git_commit": main.git_commit, "date": main.date,
         }
-        path = Path(folder) / dataset / norm / f"{_slug(name)}.json"
+        # Slugged: a dataset label such as "npz:cifar10" is not a valid folder name on every system.
+        path = Path(folder) / _slug(dataset) / norm / f"{_slug(name)}.json"
         write_json(path, info)
         written.append(path)
     return written
