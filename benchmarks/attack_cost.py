@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import io
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -30,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _common import RESULTS, machine, write_section
 from robustbench_conn.attacks import PGD
 from robustbench_conn.models import Normalize, create_model
 
 SECTION = "## Attack cost (benchmarks/attack_cost.py)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MODELS = ("nrn-58-1-swish", "resnet18", "tiny-cnn")
 
 
@@ -86,25 +85,6 @@ def floor_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int):
             loss = F.cross_entropy(model(x + delta), y, reduction="sum")
             torch.autograd.grad(loss, delta)
     return run
-
-
-def machine_description(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    parts = [f"CPU {cpu}", f"{os.cpu_count()} cores", f"torch {torch.__version__} ({torch.get_num_threads()} "
-             f"intra-op threads)", f"Python {platform.python_version()}"]
-    with contextlib.suppress(Exception):
-        import torchattacks
-        parts.append(f"torchattacks {torchattacks.__version__}")
-    if device.type == "cuda":
-        parts.append(f"GPU {torch.cuda.get_device_name(device)}")
-    with contextlib.suppress(OSError):
-        parts.append("load average before the run {:.2f} / {:.2f} / {:.2f} (1/5/15 min)".format(*os.getloadavg()))
-    return ", ".join(parts)
 
 
 def measure(name: str, args, device: torch.device) -> dict:
@@ -177,12 +157,12 @@ def gpu_throughput(model, x, y, attack, args) -> dict:
     return out
 
 
-def render(rows: list[dict], args, device: torch.device, command: str) -> str:
+def render(rows: list[dict], args, device: torch.device, command: str, description: str) -> str:
     k = args.steps
     clock = "process CPU time" if device.type == "cpu" else "wall-clock time"
     lines = [SECTION, "",
              f"Command: `{command}`", "",
-             f"Machine: {machine_description.cached}.", "",
+             f"Machine: {description}.", "",
              f"Device {device}, batch {args.batch_size}, PGD-{k} (Linf, eps 8/255, step 2/255, random start), "
              f"{args.warmup} warm-up call(s), median of {args.repeats} interleaved repeats, timed in {clock}"
              + (" (robust to other jobs on a shared machine; wall-clock ratios beside)" if device.type == "cpu"
@@ -215,27 +195,6 @@ def render(rows: list[dict], args, device: torch.device, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) our section of ``path``, keeping every other section as it is."""
-    import hashlib
-    import tempfile
-
-    from filelock import FileLock
-    # The lock file lives in the temp folder, not beside RESULTS.md, so no stray file lands in the repository.
-    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
-    with FileLock(os.path.join(tempfile.gettempdir(), f"results-md-{key}.lock")):
-        old = path.read_text() if path.exists() else "# Benchmark results\n"
-        lines = old.splitlines(keepends=True)
-        start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-        if start is None:
-            new = old.rstrip("\n") + "\n\n" + text
-        else:
-            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-            tail = "".join(lines[end:])
-            new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
-        path.write_text(new)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS),
@@ -255,14 +214,14 @@ def main(argv=None) -> int:
     if args.batch_size < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--batch-size, --steps and --repeats must be >= 1, --warmup >= 0")
     try:
-        import torchattacks  # noqa: F401
+        import torchattacks
     except ImportError:
         parser.error("this benchmark compares with torchattacks: pip install -e '.[torchattacks]'")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
-    machine_description.cached = machine_description(device)
+    description = f"{machine(device)}, torchattacks {torchattacks.__version__}"
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -271,11 +230,11 @@ def main(argv=None) -> int:
         print(f"{name}: floor {r['median']['floor']:.3f}s  ours {r['median']['ours']:.3f}s  torchattacks "
               f"{r['median']['torchattacks']:.3f}s  ours/floor {r['floor_ratio']:.3f}  "
               f"ours/torchattacks {r['ta_ratio']:.3f}", flush=True)
-    text = render(rows, args, device, command)
+    text = render(rows, args, device, command, description)
     print()
     print(text)
     if not args.no_write:
-        write_section(args.results, text)
+        write_section(SECTION, text, args.results)
         print(f"wrote {args.results}")
     return 0
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -32,29 +31,12 @@ from pathlib import Path
 import torch
 
 import timm
+from _common import RESULTS, machine, read_section, write_section
 import robustbench_conn.models  # noqa: F401  (registers the conn_* models in timm)
 from robustbench_conn.models.imagenet import CONN_MODELS, load_twin_state_dict, suppressed_blocks
 
 SECTION = "## Suppression vs residual throughput (benchmarks/connection_throughput.py)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SETTINGS = "ShareExpDecayLearnDecay_AbsExp_Adam_RestaLayerIdx3"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
-    threads = torch.get_num_threads()
-    return f"{cpu_name()}, {os.cpu_count()} logical cores, {threads} torch thread{'s' if threads != 1 else ''}"
 
 
 def build_pair(name: str, res: int, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -129,26 +111,18 @@ def table(rows: list[dict], cpu: bool) -> str:
 
 def write_results(path: Path, device_key: str, body: str) -> None:
     """Replace this device's subsection of our section in ``path``, keeping everything else."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
     sub_header = f"### {device_key}"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n(.*?)(?=^## |\Z)", re.S | re.M)
-    match = pattern.search(text)
-    subsections: dict[str, str] = {}
     intro = ("Forward+backward throughput of each suppression `conn_*` model over its residual twin, same weights, "
              "same batch (target: ratio >= 0.95). Ratio = median over rounds of (suppression throughput) / "
              "(residual throughput), the two timed in alternation; on CPU, throughput per second of process CPU "
              "time with one torch thread (wall-clock figures beside it), on CUDA per second of wall time.\n")
-    if match:
-        for part in re.split(r"^(?=### )", match.group(1), flags=re.M):
-            if part.startswith("### "):
-                subsections[part.splitlines()[0]] = part.rstrip() + "\n"
+    subsections: dict[str, str] = {}
+    for part in re.split(r"^(?=### )", read_section(SECTION, path) or "", flags=re.M):
+        if part.startswith("### "):
+            subsections[part.splitlines()[0]] = part.rstrip() + "\n"
     subsections[sub_header] = f"{sub_header}\n\n{body.rstrip()}\n"
-    section = f"{SECTION}\n\n{intro}\n" + "\n".join(subsections[k] for k in sorted(subsections)) + "\n"
-    if match:
-        text = text[:match.start()] + section + text[match.end():]
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
+    write_section(SECTION, f"{SECTION}\n\n{intro}\n" + "\n".join(subsections[k] for k in sorted(subsections)),
+                  path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         below = [r["model"] for r in rows if r["ratio"] < 0.95]
         body = "\n".join([
             f"Command: `{command}`  ",
-            f"Machine: {device_description(device)}; torch {torch.__version__}, timm {timm.__version__}, "
-            f"Python {platform.python_version()}  ",
+            f"Machine: {machine(device)}, timm {timm.__version__}  ",
             f"Setting: batch {args.batch}, {args.res}x{args.res} input, train mode, suppression = `{SETTINGS}` "
             f"with init_decay 0.7 (LeViT: d = |0.1 delta| = 0.07), {args.rounds} rounds x {args.iters} steps after "
             f"{args.warmup} warm-up steps; run took {elapsed:.0f} s on {time.strftime('%Y-%m-%d %H:%M %Z')}.  ",

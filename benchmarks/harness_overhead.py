@@ -1,11 +1,12 @@
-"""Harness overhead: wall time of ``robustbench_conn.evaluation.evaluate`` (suite autoattack: sanity gate, AutoAttack
+"""Harness overhead: the time of ``robustbench_conn.evaluation.evaluate`` (suite autoattack: sanity gate, AutoAttack
 through robustbench_conn.attacks, float32 re-score, checks, CSV merge under lock, pivot, model info) divided by the
-wall time of pyautoattack called directly on the same model, points, eps, version and seed. Target: <= 1.03.
+time of pyautoattack called directly on the same model, points, eps, version and seed. Target: <= 1.03.
 
-    .venv/bin/python benchmarks/harness_overhead.py --n 100 --eps 8/255 --repeats 2
+    python benchmarks/harness_overhead.py --n 100 --eps 8/255 --repeats 5 --write
 
 The model is a small MLP trained on the embedded digits data for a few seconds (no download). Runs alternate
-direct / harness / harness / direct ... so slow drifts of a shared machine hit both sides alike.
+direct / harness / harness / direct ... so slow drifts of a shared machine hit both sides alike. The clock is
+process CPU time with one torch thread (other jobs on the machine do not inflate it); wall time is shown beside.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import argparse
 import json
 import logging
 import platform
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -22,6 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from _common import machine, write_section
+
+SECTION = "## Harness overhead (benchmarks/harness_overhead.py)"
 
 
 def tiny_model() -> nn.Module:
@@ -52,6 +59,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--write", action="store_true", help="update the section of benchmarks/RESULTS.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("auto-attack").setLevel(logging.ERROR)
@@ -66,45 +74,71 @@ def main() -> None:
     model = tiny_model()
     x, y = get_dataset("digits", "test").batch(torch.arange(args.n))
 
-    def direct() -> tuple[float, int]:
-        start = time.perf_counter()
+    def direct() -> int:
         adversary = pyautoattack.AutoAttack(model, eps=float(eps), norm="Linf", device="cpu", seed=0,
                                             version=args.version)
         adversary.logger.setLevel(logging.ERROR)
         _, y_adv = adversary.run_standard_evaluation(x.clone(), y.clone(), batch_size=args.batch_size)
-        return time.perf_counter() - start, int((y_adv == y).sum())
+        return int((y_adv == y).sum())
 
-    def harness() -> tuple[float, int]:
+    def harness() -> int:
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
             (record,) = evaluate(model, "digits", images=x, labels=y, suites=["autoattack"], eps=[eps.text],
                                  version=args.version, seed=0, batch_size=args.batch_size,
                                  out=Path(tmp) / "leaderboard.csv")
-            return time.perf_counter() - start, record.n_robust
+            return record.n_robust
 
+    description = machine(torch.device("cpu"))
     times = {"direct": [], "harness": []}
+    walls = {"direct": [], "harness": []}
     robust = {"direct": set(), "harness": set()}
+    runs = []
     order = []
     for r in range(args.repeats):
         order += ["direct", "harness"] if r % 2 == 0 else ["harness", "direct"]
     for side in order:
-        seconds, n_robust = (direct if side == "direct" else harness)()
-        times[side].append(seconds)
+        wall, cpu = time.perf_counter(), time.process_time()
+        n_robust = (direct if side == "direct" else harness)()
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        times[side].append(cpu)
+        walls[side].append(wall)
         robust[side].add(n_robust)
-        print(f"{side:8s} {seconds:8.2f} s  robust {n_robust}/{args.n}", flush=True)
+        runs.append((side, cpu, wall, n_robust))
+        print(f"{side:8s} {cpu:8.2f} CPU s {wall:8.2f} s wall  robust {n_robust}/{args.n}", flush=True)
     ratio_median = statistics.median(times["harness"]) / statistics.median(times["direct"])
     ratio_total = sum(times["harness"]) / sum(times["direct"])
+    wall_ratio = statistics.median(walls["harness"]) / statistics.median(walls["direct"])
     result = {"n": args.n, "eps": eps.text, "version": args.version, "repeats": args.repeats,
-              "threads": args.threads, "direct_s": times["direct"], "harness_s": times["harness"],
-              "ratio_median": ratio_median, "ratio_total": ratio_total,
+              "threads": args.threads, "direct_cpu_s": times["direct"], "harness_cpu_s": times["harness"],
+              "direct_wall_s": walls["direct"], "harness_wall_s": walls["harness"],
+              "ratio_median": ratio_median, "ratio_total": ratio_total, "wall_ratio_median": wall_ratio,
               "same_robust_count": robust["direct"] == robust["harness"] and len(robust["direct"]) == 1,
               "robust": sorted(robust["direct"]), "torch": torch.__version__,
               "pyautoattack": pyautoattack.__version__, "python": platform.python_version(),
               "machine": f"{platform.machine()} {platform.processor()}".strip()}
-    print(f"harness / direct: {ratio_median:.4f} (medians), {ratio_total:.4f} (totals); same robust count: "
-          f"{result['same_robust_count']}")
+    print(f"harness / direct (CPU time): {ratio_median:.4f} (medians), {ratio_total:.4f} (totals); wall time "
+          f"{wall_ratio:.4f} (medians); same robust count: {result['same_robust_count']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.write:
+        command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/harness_overhead.py"] + sys.argv[1:])
+        write_section(SECTION, "\n".join([
+            SECTION, "",
+            "The time of `robustbench_conn.evaluation.evaluate(..., suites=[\"autoattack\"], out=...)` (sanity gate, "
+            "AutoAttack through `robustbench_conn.attacks.AutoAttack`, float32 re-score and norm check, after-checks, "
+            "CSV merge under a file lock, pivot and model-info files) divided by the time of "
+            "`pyautoattack.AutoAttack(...).run_standard_evaluation` called directly on the same model, points, eps, "
+            "version and seed. Target: at most 1.03.", "",
+            f"Command: `{command}`  ",
+            f"AutoAttack {args.version}, Linf {eps.text}, seed 0, batch {args.batch_size}, {args.threads} torch "
+            f"thread(s); a small MLP trained 30 epochs on the embedded digits data; first {args.n} digits test "
+            f"points; pyautoattack {pyautoattack.__version__}. Machine: {description}.  ",
+            "Clock: process CPU time (other jobs on the machine do not inflate it); wall time beside.", "",
+            "| run (in order) | CPU s | wall s | robust |", "| --- | ---: | ---: | ---: |",
+            *[f"| {side} | {cpu:.2f} | {wall:.2f} | {n}/{args.n} |" for side, cpu, wall, n in runs], "",
+            f"Ratio harness / direct: **{ratio_median:.3f}** (median CPU times; totals {ratio_total:.3f}; median wall "
+            f"times {wall_ratio:.3f}). Same robust count on both sides in every run: "
+            f"{'yes' if result['same_robust_count'] else 'no'}."]))
 
 
 if __name__ == "__main__":

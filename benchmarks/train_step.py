@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from _common import clock, machine, write_section
 from robustbench_conn.attacks import PGD
 from robustbench_conn.models import create_model
 from robustbench_conn.trainers.common import ModelEma
@@ -40,17 +38,10 @@ NETWORKS = {  # name -> (create_model kwargs, batch size on CPU)
 }
 
 
-def _clock(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return time.perf_counter()
-    return time.process_time()
-
-
 def _timed(fn, device) -> float:
-    start = _clock(device)
+    start = clock(device)
     fn()
-    return _clock(device) - start
+    return clock(device) - start
 
 
 def build(kwargs: dict, connection: str, device: torch.device):
@@ -108,20 +99,6 @@ def measure(kwargs: dict, batch: int, k: int, rounds: int, device: torch.device)
     return out
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}"
-    cpu = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch thread(s); torch {torch.__version__}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -160,13 +137,7 @@ def main() -> int:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows, ""])
     print(text)
     if args.write:
-        path = Path(__file__).resolve().parent / "RESULTS.md"
-        sections = path.read_text().split("\n## ") if path.exists() else ["# Benchmark results\n"]
-        head, rest = sections[0], [s for s in sections[1:] if not ("## " + s).startswith(SECTION)]
-        body = "\n## ".join([head.rstrip("\n") + "\n", *[s.rstrip("\n") + "\n" for s in rest]])
-        tmp = path.with_suffix(".md.tmp")
-        tmp.write_text(body.rstrip("\n") + "\n\n" + text)
-        os.replace(tmp, path)
+        write_section(SECTION, text)
     return 0
 
 
