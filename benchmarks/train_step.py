@@ -129,8 +129,8 @@ def main() -> int:
         f"Command: `python benchmarks/train_step.py{' --device ' + args.device if args.device != 'cpu' else ''} "
         f"--rounds {args.rounds} --write`  ",
         f"Machine: {machine(device)}  ",
-        f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {time.perf_counter() - started:.0f} s "
-        f"wall; times in {unit} (process CPU time on CPU, so other jobs on the machine do not inflate them).", "",
+        f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"{time.perf_counter() - started:.0f} s wall; times in {unit} (process CPU time on CPU, so other jobs on the machine do not inflate them).", "",
         f"| network | connection | batch | fwd+bwd ({unit}) | TRADES step ({unit}) | TRADES / (k+2) passes | "
         f"PGD-AT step ({unit}) | PGD-AT / (k+2) passes | suppression / residual (TRADES) | "
         "suppression / residual (PGD-AT) |",

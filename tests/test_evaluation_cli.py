@@ -163,7 +163,8 @@ def test_killed_and_resumed_sweep_gives_the_same_table(runs, tmp_path):
     assert list((tmp_path / "b" / ".evaluate_state").glob("*.json"))
     seen = []
     resumed = evaluate(runs[:2], out=tmp_path / "b" / "lb.csv", progress=seen.append, **SWEEP)
-    assert sum(s["resumed"] for s in seen) == 40 and len(seen) == 2 * 2 * 2 * 2 * 6  # models x eps x losses x steps x batches
+    # models x eps x losses x steps x batches
+    assert sum(s["resumed"] for s in seen) == 40 and len(seen) == 2 * 2 * 2 * 2 * 6
     assert stable(resumed) == stable(reference)
     assert stable(read_leaderboard(tmp_path / "b" / "lb.csv")) == stable(read_leaderboard(tmp_path / "a" / "lb.csv"))
 

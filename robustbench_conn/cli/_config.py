@@ -8,7 +8,8 @@ from typing import Callable, Sequence
 
 import yaml
 
-__all__ = ["parse_with_config", "run_main", "run_training", "check_one_step_form", "default_device", "str2bool", "UsageError"]
+__all__ = ["parse_with_config", "run_main", "run_training", "check_one_step_form", "default_device", "str2bool",
+           "UsageError"]
 
 class UsageError(ValueError):
     """A bad flag or config value."""

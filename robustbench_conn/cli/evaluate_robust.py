@@ -94,7 +94,8 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> None:
         if action.choices is not None:
             for v in (value if isinstance(value, list) else [value]):
                 if v not in action.choices:
-                    raise _ArgError(f"config file {path}: {key} {v!r} is not one of {', '.join(map(str, action.choices))}")
+                    raise _ArgError(f"config file {path}: {key} {v!r} is not one of "
+                                    f"{', '.join(map(str, action.choices))}")
         defaults[dest] = value
     parser.set_defaults(**defaults)
 

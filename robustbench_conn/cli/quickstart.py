@@ -1,7 +1,8 @@
 """``make quickstart``: the whole pipeline on the embedded digits data, offline, in a few minutes on 2 CPU cores.
 
 It trains a residual and a suppression network with TRADES (same seed, same recipe), evaluates both with a PGD sweep
-and AutoAttack (APGD-CE and APGD-DLR), and writes ``OUT/leaderboard.csv``, its pivot (CSV and Markdown) and ``OUT/curves.png``.
+and AutoAttack (APGD-CE and APGD-DLR), and writes ``OUT/leaderboard.csv``, its pivot (CSV and Markdown) and
+``OUT/curves.png``.
 
     python -m robustbench_conn.cli.quickstart --out results/quickstart
 """

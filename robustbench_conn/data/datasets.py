@@ -200,7 +200,8 @@ def get_dataset(name: str, split: str = "train", data_dir: str | None = None, *,
 
     name: ``cifar10``, ``cifar100``, ``svhn`` (torchvision; downloaded into ``data_dir`` on demand), ``npz``
         (``data_dir`` is a file, comma-separated files, or a folder of ``{split}*.npz``; several files concatenate),
-        ``imagefolder`` (``data_dir/{split}/CLASS/IMAGE``; the test split also reads ``data_dir/val``) or ``digits`` (embedded, no download).
+        ``imagefolder`` (``data_dir/{split}/CLASS/IMAGE``; the test split also reads ``data_dir/val``) or
+        ``digits`` (embedded, no download).
     Returns an :class:`ArrayDataset` (everything but imagefolder) with ``num_classes`` and ``source``.
     """
     if name not in DATASETS:

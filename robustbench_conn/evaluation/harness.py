@@ -140,7 +140,8 @@ def load_robustbench_model(name: str, model_dir: str | os.PathLike, dataset: str
     path = Path(model_dir) / rb_dataset / norm / f"{name}.pt"
     if not path.is_file():
         raise EvaluationError(f"RobustBench model file {path} is not there and this harness does not download; "
-                              f"put {name}.pt there (or pass --model-dir DIR that holds {rb_dataset}/{norm}/{name}.pt).")
+                              f"put {name}.pt there (or pass --model-dir DIR that holds "
+                              f"{rb_dataset}/{norm}/{name}.pt).")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -18,9 +18,9 @@ from ..attacks import PGD
 from ..data import ArrayDataset, DataError, MixedBatchSampler, check_num_classes, get_dataset, load_npz
 from ..models import create_model, learned_decay, resolve_connection
 from ..models.connection import ConnectionConfig, parse_settings
-from .common import (Distributed, MetricsLog, ModelEma, RunFolder, TrainError, Tracker, autocast_for,
-                     build_optimizers, build_scheduler, check_finite, evaluate_accuracy, random_crop_flip, restore_training_state,
-                     run_card, training_state)
+from .common import (MetricsLog, ModelEma, TrainError, Tracker, autocast_for, build_optimizers, build_scheduler,
+                     check_finite, evaluate_accuracy, random_crop_flip, restore_training_state, run_card, start_run,
+                     training_state)
 from .losses import clean_loss, pgd_at_loss, trades_loss
 
 __all__ = ["train", "METHODS", "build_connection", "load_training_data"]
@@ -86,13 +86,7 @@ def train(config: Mapping[str, Any]) -> Path:
     config = dict(config)
     if config["method"] not in METHODS:
         raise TrainError(f"method {config['method']!r} is unknown: use one of {', '.join(METHODS)}.")
-    dist = Distributed.from_env(config["device"])
-    device = dist.device(config["device"])
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda was asked for but no CUDA device is available: use --device cpu.")
-    run = RunFolder(config["out"], resume=config.get("resume", False), overwrite=config.get("overwrite", False),
-                    is_writer=dist.is_writer)
-    torch.manual_seed(config["seed"])
+    dist, device, run = start_run(config)
 
     # data
     train_set, val_set, num_labeled = load_training_data(config)
@@ -193,8 +187,8 @@ def train(config: Mapping[str, Any]) -> Path:
         batch = config.get("eval_batch_size") or config["batch_size"]
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row.update({f"train_{k}": float(v) / len(sampler) for k, v in sums.items()})
-        row["val_clean_acc"] = evaluate_accuracy(eval_model, val_set, None, batch, device, dist, config.get("amp", False)) \
-            if len(val_set) else float("nan")
+        row["val_clean_acc"] = (evaluate_accuracy(eval_model, val_set, None, batch, device, dist,
+                                                  config.get("amp", False)) if len(val_set) else float("nan"))
         robust_now = eval_attack is not None and len(val_set) and (
             epoch % max(1, config.get("adv_eval_freq") or 1) == 0 or epoch == config["epochs"])
         row["val_pgd_acc"] = evaluate_accuracy(eval_model, val_set, eval_attack, batch, device, dist,

@@ -19,12 +19,10 @@ Batch size: ``batch_size`` is GLOBAL (split evenly over the ranks), as in ``trai
 from __future__ import annotations
 
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,9 +34,9 @@ from ..models import create_model, decay_parameters, learned_decay
 from ..models.cifar import Normalize
 from ..models.connection import ConnectionConfig
 from .adversarial import build_connection, load_training_data
-from .common import (Distributed, MetricsLog, ModelEma, RunFolder, TrainError, Tracker, autocast_for,
-                     build_optimizers, build_scheduler, check_finite, evaluate_accuracy, random_crop_flip, restore_training_state,
-                     run_card, training_state)
+from .common import (Distributed, MetricsLog, ModelEma, TrainError, Tracker, autocast_for,
+                     build_optimizers, build_scheduler, check_finite, evaluate_accuracy, random_crop_flip,
+                     restore_training_state, run_card, start_run, training_state)
 from .sam import SAM
 
 __all__ = ["train", "RECIPE_KEYS"]
@@ -374,15 +372,7 @@ def _tuple(value):
 def train(config: Mapping[str, Any]) -> Path:
     """Train one network as ``config`` says (the resolved dict of ``train-clean``); returns the run folder."""
     config = dict(config)
-    dist = Distributed.from_env(config["device"])
-    device = dist.device(config["device"])
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda was asked for but no CUDA device is available: use --device cpu.")
-    run = RunFolder(config["out"], resume=config.get("resume", False), overwrite=config.get("overwrite", False),
-                    is_writer=dist.is_writer)
-    torch.manual_seed(config["seed"])
-    random.seed(config["seed"])
-    np.random.seed(config["seed"] % 2**32)
+    dist, device, run = start_run(config)
 
     world = (_FolderWorld if config["data"] == "imagefolder" else _ArrayWorld)(config, dist, device)
     connection = build_connection(config)

@@ -35,8 +35,9 @@ from ..io import (FINAL_WEIGHTS, CheckpointError, atomic_path, atomic_save, atom
                   load_checkpoint, save_weights, write_model_card)
 from ..models import learned_decay, parameter_groups
 
-__all__ = ["TrainError", "NonFiniteLoss", "check_finite", "Tracker", "evaluate_accuracy", "RunFolder", "ModelEma", "Distributed", "build_optimizers", "build_scheduler",
-           "random_crop_flip", "config_hash", "capture_rng", "restore_rng", "training_state", "restore_training_state", "autocast_for", "MetricsLog"]
+__all__ = ["TrainError", "NonFiniteLoss", "check_finite", "Tracker", "evaluate_accuracy", "RunFolder", "ModelEma",
+           "Distributed", "start_run", "build_optimizers", "build_scheduler", "random_crop_flip", "config_hash",
+           "capture_rng", "restore_rng", "training_state", "restore_training_state", "autocast_for", "MetricsLog"]
 
 # Fields that do not change what a run computes: two runs that differ only in these share a config hash.
 _NON_RECIPE_KEYS = {"seed", "out", "log_dir", "desc", "device", "resume", "overwrite", "config", "tracking",
@@ -55,7 +56,8 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int, checkpoint: Path) ->
     """Stop before a NaN or infinite loss updates the weights, saying where, and what to try."""
     if not torch.isfinite(loss):
         raise NonFiniteLoss(f"the loss became {float(loss.detach())} at epoch {epoch}, step {step}; training stopped "
-                            f"and {checkpoint} keeps the last good epoch: lower --lr or --decay-lr, or set --clip-grad.")
+                            f"and {checkpoint} keeps the last good epoch: lower --lr or --decay-lr, or set "
+                            "--clip-grad.")
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -227,8 +229,24 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def start_run(config: Mapping[str, Any]) -> tuple[Distributed, torch.device, RunFolder]:
+    """How every trainer opens: the process group, the device (checked), the run folder (which refuses to clobber a
+    previous run unless resuming or overwriting), and the torch, Python and NumPy seeds."""
+    distributed = Distributed.from_env(config["device"])
+    device = distributed.device(config["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda was asked for but no CUDA device is available: use --device cpu.")
+    run = RunFolder(config["out"], resume=config.get("resume", False), overwrite=config.get("overwrite", False),
+                    is_writer=distributed.is_writer)
+    torch.manual_seed(config["seed"])
+    random.seed(config["seed"])
+    np.random.seed(config["seed"] % 2**32)
+    return distributed, device, run
+
+
 def build_optimizers(model: nn.Module, *, lr: float, momentum: float, weight_decay: float, nesterov: bool,
-                     decay_lr: float, decay_optimizer: str) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+                     decay_lr: float, decay_optimizer: str
+                     ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """SGD for the weights (no weight decay on biases and norms); the connection's decay always at ``decay_lr``:
     by its own Adam (``decay_optimizer='adam'``) or as its own group of the SGD optimizer (``'main'``)."""
     main_groups, decay_groups = parameter_groups(model, weight_decay=weight_decay)
