@@ -20,13 +20,7 @@ from robustbench_conn.models import ConnectionConfig, create_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster, and far faster when other jobs share the cores (no OpenMP spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(folder: Path, kind: str, seed: int = 0, config_hash: str | None = None) -> Path:

@@ -14,12 +14,7 @@ from robustbench_conn.evaluation import EvaluationError, EvaluationWarning, eval
 from robustbench_conn.evaluation import harness
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(bn: bool = False) -> nn.Module:

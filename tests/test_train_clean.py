@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -180,27 +179,11 @@ def test_cifar100_npz_run_writes_its_folder_and_the_pgd_check(c100, tmp_path):
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 100)
 
 
-def test_killed_run_resumes_to_the_same_weights(c100, tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_weights(c100, kill_and_resume):
     args = [*TINY, "--data-dir", str(c100), "--epochs", "2", "--connection", "suppression", "--max-steps-per-epoch",
             "3", "--seed", "3", "--pgd-check", "false"]
-    straight = tmp_path / "straight"
-    assert main([*args, "--out", str(straight)]) == 0
-
-    save = RunFolder.save_checkpoint
-
-    def save_then_die(self, state, name):
-        save(self, state, name)
-        if name == "last" and state["epoch"] == 1:
-            raise KeyboardInterrupt()
-
-    killed = tmp_path / "killed"
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
-    assert main([*args, "--out", str(killed)]) == 130
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save)
-    assert not (killed / "model.safetensors").exists()
-    assert main([*args, "--out", str(killed), "--resume"]) == 0
-    a, b = load_weights(straight / "model.safetensors"), load_weights(killed / "model.safetensors")
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) == 0.0
+    _, killed, difference = kill_and_resume(lambda out, *extra: main([*args, "--out", str(out), *extra]))
+    assert difference == 0.0
     assert [r["epoch"] for r in _metrics(killed)] == ["1", "2"]
 
 
@@ -223,28 +206,14 @@ def test_imagenet_run_loads_for_evaluation_with_its_normalisation_in_front(folde
 
 
 @pytest.mark.slow
-def test_killed_imagenet_run_resumes_to_the_same_weights(folder, tmp_path, monkeypatch):
+def test_killed_imagenet_run_resumes_to_the_same_weights(folder, kill_and_resume):
     """RandAugment and mixup draw from python's and numpy's generators: the checkpoint carries them too."""
     args = ["--config", str(PAPER / "preresnet38_suppression.yaml"), "--data-dir", str(folder), "--img-size", "32",
             "--batch-size", "4", "--epochs", "2", "--max-steps-per-epoch", "2", "-j", "0", "--aa",
             "rand-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--model-ema-decay",
             "0.9", *QUIET]
-    straight = tmp_path / "straight"
-    assert main([*args, "--out", str(straight)]) == 0
-    save = RunFolder.save_checkpoint
-
-    def save_then_die(self, state, name):
-        save(self, state, name)
-        if name == "last" and state["epoch"] == 1:
-            raise KeyboardInterrupt()
-
-    killed = tmp_path / "killed"
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
-    assert main([*args, "--out", str(killed)]) == 130
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save)
-    assert main([*args, "--out", str(killed), "--resume"]) == 0
-    a, b = load_weights(straight / "model.safetensors"), load_weights(killed / "model.safetensors")
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) == 0.0
+    _, _, difference = kill_and_resume(lambda out, *extra: main([*args, "--out", str(out), *extra]))
+    assert difference == 0.0
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -324,50 +293,17 @@ def test_sam_step_differs_from_sgd_and_reduces_the_loss(adaptive):
 
 # ------------------------------------------------------------------------------------------------ torchrun
 
-_DDP_SCRIPT = '''
-import json, sys
-from pathlib import Path
-import torch, torch.distributed as dist
-from robustbench_conn.cli.train_clean import main
-from robustbench_conn.trainers import common
-torch.set_num_threads(1)
-folder, out, recipe = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-finals = {}
-save_final = common.RunFolder.save_final
-def keep_final(self, model, card):
-    finals["weights"] = torch.cat([t.detach().float().flatten() for t in model.state_dict().values()])
-    save_final(self, model, card)
-common.RunFolder.save_final = keep_final
-status = main(["--config", recipe, "--data-dir", folder, "--img-size", "32", "--batch-size", "4", "--epochs", "1",
-               "--max-steps-per-epoch", "2", "-j", "0", "--out", str(out / "run"), "--progress", "false",
-               "--device", "cpu"])
-assert status == 0, status
-gathered = [torch.zeros_like(finals["weights"]) for _ in range(dist.get_world_size())]
-dist.all_gather(gathered, finals["weights"])
-if dist.get_rank() == 0:
-    (out / "report.json").write_text(json.dumps({"max_abs_diff": (gathered[0] - gathered[1]).abs().max().item(),
-                                                 "world": dist.get_world_size()}))
-dist.destroy_process_group()
-'''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_torchrun_two_ranks_end_with_identical_weights(folder, tmp_path):
+def test_torchrun_two_ranks_end_with_identical_weights(folder, tmp_path, free_port):
     """ImageNet path under torchrun (gloo): DDP gradients, dist-bn reduce of the BatchNorm statistics, rank 0 writes."""
-    script = tmp_path / "ddp_clean.py"
-    script.write_text(_DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(script), str(folder), str(tmp_path), str(PAPER / "preresnet38_suppression.yaml")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
+           str(REPO / "tests" / "ddp_check.py"), str(tmp_path), "train-clean", "--config",
+           str(PAPER / "preresnet38_suppression.yaml"), "--data-dir", str(folder), "--img-size", "32", "--batch-size",
+           "4", "--epochs", "1", "--max-steps-per-epoch", "2", "-j", "0"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["world"] == 2 and report["max_abs_diff"] == 0.0, report
+    report = json.loads((tmp_path / "ddp_report.json").read_text())
+    assert report["world"] == 2 and report["rank_weight_max_abs_diff"] == 0.0, report
     card = json.loads((tmp_path / "run" / "model_card.json").read_text())
     assert card["recipe"]["batch_size"] == 4 and card["data"]["normalize_outside_model"]
     assert len(_metrics(tmp_path / "run")) == 1

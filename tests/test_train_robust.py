@@ -13,8 +13,7 @@ import torch
 import yaml
 
 from robustbench_conn.cli.train_robust import main
-from robustbench_conn.io import load_model, load_weights
-from robustbench_conn.trainers.common import RunFolder
+from robustbench_conn.io import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,31 +72,11 @@ def test_lse_and_aux_data_mix(tmp_path, train_0, cifar10_dir):
     assert float(_metrics(run)[0]["train_robust_loss"]) >= 0
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, train_0, monkeypatch):
+def test_killed_run_resumes_to_the_same_weights(train_0, kill_and_resume):
     args = ["--method", "pgd-at", "--connection", "suppression", "--epochs", "3", "--max-train-samples", "128",
             "--attack-steps", "2", "--seed", "7"]
-    straight = tmp_path / "straight"
-    assert _train(straight, train_0, *args) == 0
-
-    class Killed(KeyboardInterrupt):
-        pass
-
-    save = RunFolder.save_checkpoint
-
-    def save_then_die(self, state, name):
-        save(self, state, name)
-        if name == "last" and state["epoch"] == 1:
-            raise Killed()
-
-    killed = tmp_path / "killed"
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
-    assert _train(killed, train_0, *args) == 130
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save)
-    assert not (killed / "model.safetensors").exists()
-    assert _train(killed, train_0, *args, "--resume") == 0
-    a, b = load_weights(straight / "model.safetensors"), load_weights(killed / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+    _, killed, difference = kill_and_resume(lambda out, *extra: _train(out, train_0, *args, *extra))
+    assert difference <= 1e-6
     assert [r["epoch"] for r in _metrics(killed)] == ["1", "2", "3"]
 
 
@@ -201,11 +180,11 @@ class _no_warning:
         return False
 
 
-def test_torchrun_two_ranks_match_the_single_process_gradient(tmp_path, cifar10_dir):
+def test_torchrun_two_ranks_match_the_single_process_gradient(tmp_path, cifar10_dir, free_port):
     """Two gloo ranks: identical weights after training, and the DDP gradient equals the single-process one."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(REPO / "tests" / "ddp_check.py"), str(cifar10_dir / "train_0.npz"), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
+           str(REPO / "tests" / "ddp_check.py"), str(tmp_path), "train-robust", str(cifar10_dir / "train_0.npz")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "ddp_report.json").read_text())
