@@ -111,10 +111,16 @@ def main() -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)
     started = time.perf_counter()
-    rows = []
+    rows, missed = [], []
     for name in args.networks:
         kwargs, batch = NETWORKS[name]
         r = measure(kwargs, batch, args.k, args.rounds, device)
+        missed += [f"{name} {c} {label} {r[c][key]:.3f} (> 1.10)" for c in ("residual", "suppression")
+                   for label, key in (("TRADES / (k+2)", "trades_ratio"), ("PGD-AT / (k+2)", "pgdat_ratio"))
+                   if r[c][key] > 1.10]
+        missed += [f"{name} suppression / residual {label} {r[key]:.3f} (> 1.05)"
+                   for label, key in (("TRADES", "trades_supp_over_res"), ("PGD-AT", "pgdat_supp_over_res"))
+                   if r[key] > 1.05]
         for c in ("residual", "suppression"):
             rows.append(f"| {name} | {c} | {batch} | {r[c]['pass_s']:.3f} | {r[c]['trades_s']:.2f} | "
                         f"{r[c]['trades_ratio']:.3f} | {r[c]['pgdat_s']:.2f} | {r[c]['pgdat_ratio']:.3f} | "
@@ -130,11 +136,14 @@ def main() -> int:
         f"--rounds {args.rounds} --write`  ",
         f"Machine: {machine(device)}  ",
         f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{time.perf_counter() - started:.0f} s wall; times in {unit} (process CPU time on CPU, so other jobs on the machine do not inflate them).", "",
+        f"{time.perf_counter() - started:.0f} s wall; times in {unit} (process CPU time on CPU, so other jobs on the "
+        "machine do not inflate them).", "",
         f"| network | connection | batch | fwd+bwd ({unit}) | TRADES step ({unit}) | TRADES / (k+2) passes | "
         f"PGD-AT step ({unit}) | PGD-AT / (k+2) passes | suppression / residual (TRADES) | "
         "suppression / residual (PGD-AT) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows, ""])
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows, "",
+        "Every ratio meets its target." if not missed else "Targets missed in this run: " + "; ".join(missed) + ".",
+        ""])
     print(text)
     if args.write:
         write_section(SECTION, text)
