@@ -22,8 +22,8 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ConnectionConfig", "ArchOptions", "SettingsError", "parse_settings", "resolve_connection",
