@@ -9,7 +9,8 @@ import torch
 
 from robustbench_conn.models import (ConnectionConfig, SettingsError, count_parameters, create_model,
                                      decay_parameters, parameter_groups, parse_settings, resolve_connection)
-from robustbench_conn.models.connection import ConnectionFactory, ResidualConnection, SuppressionConnection
+from robustbench_conn.models.connection import (ConnectionFactory, ResidualConnection, SuppressionConnection,
+                                                accepts_output_scale)
 
 PAPER_SETTINGS = [
     "Default",
@@ -68,15 +69,26 @@ def _reference_block(x, d, l, branch):
 
 @pytest.mark.parametrize("layer_index", [0, 1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_block_gradients_match_plain_autograd(layer_index, channels_last):
-    """x, d (through delta and phi) and the branch's weights get the gradients of the formula."""
+@pytest.mark.parametrize("scalable", [False, True], ids=["plain-branch", "branch-takes-output-scale"])
+def test_fused_block_gradients_match_plain_autograd(layer_index, channels_last, scalable):
+    """x, d (through delta and phi) and the branch's weights get the gradients of the formula, whether the join
+    rescales its result or the branch folds the factor into its conv's weight and bias."""
     config = ConnectionConfig(kind="suppression", init_decay=-0.3, restart_period=None)
     from robustbench_conn.models.connection import SharedDecay
     decay = SharedDecay(config).double()
     block = SuppressionConnection(decay, layer_index, owns_decay=False)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 4, 3, padding=1).double()
-    branch = lambda t: torch.nn.functional.silu(conv(t))  # noqa: E731
+    calls = []
+
+    def branch(t, output_scale=None):
+        calls.append(output_scale)
+        if output_scale is None:
+            return conv(torch.nn.functional.silu(t))
+        return torch.nn.functional.conv2d(torch.nn.functional.silu(t), conv.weight * output_scale,
+                                          conv.bias * output_scale, padding=1)
+    if scalable:
+        branch = accepts_output_scale(branch)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -91,6 +103,8 @@ def test_fused_block_gradients_match_plain_autograd(layer_index, channels_last):
     for fused, plain in zip(*grads):
         assert torch.allclose(fused, plain, rtol=1e-10, atol=1e-10)
     assert grads[0][1].abs() > 1e-3  # the decay's gradient is not trivially zero
+    # The factor e^{-dl} goes to the branch exactly when it can take it (and there is one: l > 0).
+    assert (calls[0] is not None) == (scalable and layer_index > 0)
     x64 = x.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t, delta: block(t, branch), (x64, decay.delta))
 
@@ -268,7 +282,8 @@ def test_chained_network_equals_the_blocks_applied_one_by_one(overrides):
         return model.fc(model.pool(model.act(model.bn(x))).flatten(1))
 
     x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
-    params = decay_parameters(model) + [model.stem.weight, model.stages[2][3].conv1.weight]
+    params = decay_parameters(model) + [model.stem.weight, model.stages[2][3].conv1.weight,
+                                        model.stages[1][2].conv2.weight]
     results = []
     for forward in (model, reference):
         torch.manual_seed(1)

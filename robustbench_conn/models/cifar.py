@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .connection import ConnectionConfig, ConnectionFactory, SuppressionConnection, suppression_chain
+from .connection import (ConnectionConfig, ConnectionFactory, SuppressionConnection, accepts_output_scale,
+                         suppression_chain)
 
 __all__ = ["PreActWideResNet", "PreActResNet", "Normalize", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN",
            "CIFAR100_STD", "parse_cifar_name"]
@@ -70,9 +72,15 @@ class PreActBlock(nn.Module):
     def _convs(self, preactivated: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.act2(self.bn2(self.conv1(preactivated))))
 
-    def residual_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """F(x) of the connection formula."""
-        return self._convs(self.act1(self.bn1(x)))
+    @accepts_output_scale
+    def residual_branch(self, x: torch.Tensor, output_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """F(x) of the connection formula; ``F(x) * output_scale`` (0-dim) through conv2's weight when given."""
+        if output_scale is None:
+            return self._convs(self.act1(self.bn1(x)))
+        hidden = self.act2(self.bn2(self.conv1(self.act1(self.bn1(x)))))
+        conv = self.conv2  # bias-free, zero padding (built above)
+        return F.conv2d(hidden, conv.weight * output_scale.to(conv.weight.dtype), None, conv.stride, conv.padding,
+                        conv.dilation, conv.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shortcut is not None:

@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "ConnectionConfig", "ArchOptions", "SettingsError", "parse_settings", "resolve_connection",
     "SharedDecay", "ResidualConnection", "SuppressionConnection", "ConnectionFactory", "suppression_chain",
+    "accepts_output_scale",
     "decay_parameters", "parameter_groups", "learned_decay", "count_parameters", "PARAMETRISATIONS",
 ]
 
@@ -334,6 +335,12 @@ class _Join(torch.autograd.Function):
         return grad_y, grad_z, grad_keep, grad_log_scale
 
 
+def _join(y: torch.Tensor, z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``y + keep * z``: with a frozen ``keep`` (inside an attack) autograd's own ``addcmul`` does the same work as
+    :class:`_Join` without a Python backward; a trained ``keep`` needs :class:`_Join`'s dot-product gradient."""
+    return _Join.apply(y, z, keep, None) if keep.requires_grad else torch.addcmul(y, z, keep)
+
+
 class SuppressionConnection(nn.Module):
     """``(1 - d) x + exp(-d l) F(exp(d l) x)`` for the block at stage index ``l``."""
 
@@ -357,6 +364,14 @@ class SuppressionConnection(nn.Module):
         return f"l={self.layer_index}"
 
 
+def accepts_output_scale(branch: Callable) -> Callable:
+    """Mark a branch ``F(x, output_scale=None)`` that returns ``F(x) * output_scale`` (a 0-dim tensor) by scaling a
+    small tensor, such as its last convolution's weight. :func:`suppression_chain` then hands each block's rescaling
+    to the branch, which saves one full-size multiply forward and one backward per block."""
+    branch.accepts_output_scale = True
+    return branch
+
+
 def suppression_chain(x: torch.Tensor,
                       steps: Sequence[tuple[SuppressionConnection, Callable[[torch.Tensor], torch.Tensor]]]
                       ) -> torch.Tensor:
@@ -364,9 +379,11 @@ def suppression_chain(x: torch.Tensor,
 
     With ``z = s x`` a block is ``z -> keep * z + F(z)`` (``keep = 1 - d``), whose result is the block's output
     times ``s``. So the chain scales the input once, and each block's join also moves its result to the next
-    block's scale (a factor ``e^d`` while ``l`` counts up, none where the scale stays) or, after the last block,
-    back to scale 1: one full-size multiply per block where calling the blocks in turn costs three. Exact algebra;
-    with ``d = 0`` every factor is 1 and the result is bit for bit the residual chain. Each decay is evaluated once.
+    block's scale (a factor ``r = e^d`` while ``l`` counts up, none where the scale stays) or, after the last block,
+    back to scale 1: ``z -> (keep r) z + r F(z)``. A branch marked :func:`accepts_output_scale` folds ``r`` into
+    its last layer's weight, so the join is one ``addcmul`` as cheap as the residual add; otherwise the join
+    multiplies its result by ``r``. Exact algebra; with ``d = 0`` every factor is 1 and the result is bit for bit
+    the residual chain. Each decay and each factor is evaluated once.
     """
     decays: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     log_scales: dict[tuple[int, int], torch.Tensor] = {}
@@ -395,9 +412,22 @@ def suppression_chain(x: torch.Tensor,
     scales = [scale_of(connection) for connection, _ in steps] + [(None, None)]
     entry = log_ratio((None, None), scales[0])
     z = x if entry is None else _Rescale.apply(x, entry)
+    factors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (r, keep * r) per decay and pair of scales
     for i, (connection, branch) in enumerate(steps):
-        keep = decays[id(connection.decay_module())][1]
-        z = _Join.apply(branch(z), z, keep, log_ratio(scales[i], scales[i + 1]))
+        decay_key = id(connection.decay_module())
+        keep = decays[decay_key][1]
+        source, target = scales[i], scales[i + 1]
+        if source[0] == target[0]:
+            z = _join(branch(z), z, keep)
+        elif not getattr(branch, "accepts_output_scale", False):
+            z = _Join.apply(branch(z), z, keep, log_ratio(source, target))
+        else:
+            key = (decay_key, source[0], target[0])
+            if key not in factors:
+                r = torch.exp(log_ratio(source, target))
+                factors[key] = (r, keep * r)
+            r, keep_r = factors[key]
+            z = _join(branch(z, output_scale=r), z, keep_r)
     return z
 
 
