@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import platform
 import tempfile
@@ -24,6 +25,21 @@ def clock(device: torch.device) -> float:
         torch.cuda.synchronize(device)
         return time.perf_counter()
     return time.process_time()
+
+
+def median_interval(values, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval for the median of ``values``: the order statistics ``(k, n + 1 - k)``
+    with the largest ``k`` for which ``2 P(Binomial(n, 1/2) <= k - 1) <= 1 - confidence``. None when ``n`` is too
+    small for any such interval (fewer than 6 values at 95%)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    tail, k = 0.0, 0
+    while k < n // 2:
+        tail += math.comb(n, k) / 2 ** n          # P(Binomial(n, 1/2) <= k)
+        if 2 * tail > 1 - confidence:
+            break
+        k += 1
+    return (ordered[k - 1], ordered[n - k]) if k else None
 
 
 def cpu_name() -> str:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import RESULTS, machine, write_section
+from _common import RESULTS, machine, median_interval, write_section
 from robustbench_conn.attacks import PGD
 from robustbench_conn.models import Normalize, create_model
 
@@ -125,13 +125,15 @@ def measure(name: str, args, device: torch.device) -> dict:
             cpu[key].append(c)
     # On CPU the clock is process CPU time (robust to other jobs on a shared machine), on CUDA wall time.
     times = cpu if device.type == "cpu" else wall
-    med = {key: statistics.median(v) for key, v in times.items()}
-    wall_med = {key: statistics.median(v) for key, v in wall.items()}
+    # Ratios are paired within a repeat (the three runs sit side by side in time, so drift cancels), then the
+    # median over repeats with a distribution-free 95% interval.
+    ratios = {f"{prefix}{label}": [a / b for a, b in zip(source["ours"], source[other])]
+              for prefix, source in (("", times), ("wall_", wall))
+              for label, other in (("floor_ratio", "floor"), ("ta_ratio", "torchattacks"))}
     row = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "times": times,
-           "wall": wall, "median": med, "wall_median": wall_med,
-           "floor_ratio": med["ours"] / med["floor"], "ta_ratio": med["ours"] / med["torchattacks"],
-           "wall_floor_ratio": wall_med["ours"] / wall_med["floor"],
-           "wall_ta_ratio": wall_med["ours"] / wall_med["torchattacks"]}
+           "wall": wall, "median": {key: statistics.median(v) for key, v in times.items()},
+           **{key: statistics.median(v) for key, v in ratios.items()},
+           **{key + "_ci": median_interval(v) for key, v in ratios.items()}}
     if device.type == "cuda":
         row["img_per_s"] = gpu_throughput(model, x, y, ours, args)
     return row
@@ -168,15 +170,21 @@ def render(rows: list[dict], args, device: torch.device, command: str, descripti
              + (" (robust to other jobs on a shared machine; wall-clock ratios beside)" if device.type == "cpu"
                 else "") + ". "
              f"Floor: {k} forward+backward passes w.r.t. the input with frozen parameters. "
+             "Ratios are taken within each repeat and the median over repeats is given with its distribution-free "
+             "95% interval (order statistics; none below 6 repeats). "
              "Targets: ours/floor <= 1.05, ours/torchattacks <= 1.00.", "",
              f"| model | params (M) | floor {k} fwd+bwd (s) | ours PGD-{k} (s) | torchattacks PGD-{k} (s) "
              "| ours / floor | ours / torchattacks | wall: ours / floor | wall: ours / torchattacks |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def ratio(r, key):
+        ci = r[key + "_ci"]
+        return f"{r[key]:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
     for r in rows:
         m = r["median"]
         lines.append(f"| {r['model']} | {r['params_M']:.2f} | {m['floor']:.3f} | {m['ours']:.3f} | "
-                     f"{m['torchattacks']:.3f} | {r['floor_ratio']:.3f} | {r['ta_ratio']:.3f} | "
-                     f"{r['wall_floor_ratio']:.3f} | {r['wall_ta_ratio']:.3f} |")
+                     f"{m['torchattacks']:.3f} | {ratio(r, 'floor_ratio')} | {ratio(r, 'ta_ratio')} | "
+                     f"{ratio(r, 'wall_floor_ratio')} | {ratio(r, 'wall_ta_ratio')} |")
     lines.append("")
     for label, key in ((clock, "times"), ("wall-clock time", "wall")) if device.type == "cpu" else ((clock, "times"),):
         lines.append(f"Raw {label} (s), per repeat: " + "; ".join(

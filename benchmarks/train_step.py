@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import clock, machine, write_section
+from _common import clock, machine, median_interval, write_section
 from robustbench_conn.attacks import PGD
 from robustbench_conn.models import create_model
 from robustbench_conn.trainers.common import ModelEma
@@ -95,7 +95,8 @@ def measure(kwargs: dict, batch: int, k: int, rounds: int, device: torch.device)
                   "pgdat_s": med[(c, "pgd-at")], "pgdat_ratio": med[(c, "pgd-at")] / ((k + 2) * med[(c, "pass")])}
     # suppression / residual, paired round by round
     for kind, key in (("trades", "trades_supp_over_res"), ("pgd-at", "pgdat_supp_over_res")):
-        out[key] = statistics.median(s / r for s, r in zip(times[("suppression", kind)], times[("residual", kind)]))
+        paired = [s / r for s, r in zip(times[("suppression", kind)], times[("residual", kind)])]
+        out[key], out[key + "_ci"] = statistics.median(paired), median_interval(paired)
     return out
 
 
@@ -121,17 +122,20 @@ def main() -> int:
         missed += [f"{name} suppression / residual {label} {r[key]:.3f} (> 1.05)"
                    for label, key in (("TRADES", "trades_supp_over_res"), ("PGD-AT", "pgdat_supp_over_res"))
                    if r[key] > 1.05]
+        paired = [f"{r[key]:.3f}" + (" ({:.3f}-{:.3f})".format(*r[key + "_ci"]) if r[key + "_ci"] else "")
+                  for key in ("trades_supp_over_res", "pgdat_supp_over_res")]
         for c in ("residual", "suppression"):
             rows.append(f"| {name} | {c} | {batch} | {r[c]['pass_s']:.3f} | {r[c]['trades_s']:.2f} | "
                         f"{r[c]['trades_ratio']:.3f} | {r[c]['pgdat_s']:.2f} | {r[c]['pgdat_ratio']:.3f} | "
-                        f"{r['trades_supp_over_res']:.3f} | {r['pgdat_supp_over_res']:.3f} |")
+                        f"{paired[0]} | {paired[1]} |")
         print("\n".join(rows[-2:]), flush=True)
     unit = "CPU s" if device.type == "cpu" else "s"
     text = "\n".join([
         SECTION, "",
         f"One TRADES step and one PGD-AT step (k = {args.k}) against (k + 2) forward+backward passes of the same model "
         "and batch (target <= 1.10), and the suppression step over the residual step (target <= 1.05); medians of "
-        f"{args.rounds} alternating rounds after a warm-up.", "",
+        f"{args.rounds} alternating rounds after a warm-up. Suppression / residual is paired round by round, with "
+        "the distribution-free 95% interval of its median (order statistics; none below 6 rounds).", "",
         f"Command: `python benchmarks/train_step.py{' --device ' + args.device if args.device != 'cpu' else ''} "
         f"--rounds {args.rounds} --write`  ",
         f"Machine: {machine(device)}  ",
