@@ -1,5 +1,6 @@
 """What does our PGD cost? Time of PGD-k against its physical floor (k forward+backward passes) and against
-torchattacks' PGD-k, on the same model and batch; on CUDA also images/s with bf16 autocast and channels_last.
+torchattacks' PGD-k, on the same model and batch; on CUDA (or with --throughput) also images/s with bf16 autocast
+and channels_last.
 
     python benchmarks/attack_cost.py                      # CPU: nrn-58-1-swish (init 8) and a CIFAR ResNet-18
     python benchmarks/attack_cost.py --batch-size 128 --steps 10 --repeats 5 --device cuda
@@ -134,19 +135,19 @@ def measure(name: str, args, device: torch.device) -> dict:
            "wall": wall, "median": {key: statistics.median(v) for key, v in times.items()},
            **{key: statistics.median(v) for key, v in ratios.items()},
            **{key + "_ci": median_interval(v) for key, v in ratios.items()}}
-    if device.type == "cuda":
-        row["img_per_s"] = gpu_throughput(model, x, y, ours, args)
+    if args.throughput:
+        row["img_per_s"] = throughput(model, x, y, ours, args)
     return row
 
 
-def gpu_throughput(model, x, y, attack, args) -> dict:
-    """Images/s of our PGD-k in float32 / bf16 autocast, contiguous / channels_last (CUDA only)."""
+def throughput(model, x, y, attack, args) -> dict:
+    """Images/s (wall clock) of our PGD-k in float32 / bf16 autocast, contiguous / channels_last."""
     out = {}
     for bf16 in (False, True):
         for channels_last in (False, True):
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             m, xi = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
-            ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+            ctx = (lambda: torch.autocast(x.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
             def run():
                 with ctx():
@@ -193,13 +194,12 @@ def render(rows: list[dict], args, device: torch.device, command: str, descripti
         lines.append("")
     lines.pop()
     if any("img_per_s" in r for r in rows):
-        lines += ["", f"CUDA images/s of our PGD-{k}:", "", "| model | " + " | ".join(rows[0]["img_per_s"]) + " |",
+        lines += ["", f"Images/s ({device.type}, wall clock) of our PGD-{k}:", "", "| model | " + " | ".join(rows[0]["img_per_s"]) + " |",
                   "| --- |" + " --- |" * len(rows[0]["img_per_s"])]
         for r in rows:
             lines.append(f"| {r['model']} | " + " | ".join(f"{v:.0f}" for v in r["img_per_s"].values()) + " |")
     else:
-        lines += ["", "No CUDA device here: the bf16-autocast / channels_last images/s table is produced only on "
-                      "CUDA."]
+        lines += ["", "The bf16-autocast / channels_last images/s table is produced on CUDA (or with --throughput)."]
     return "\n".join(lines) + "\n"
 
 
@@ -215,6 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: 1 on CPU, where CPU time is the clock; torch's on CUDA)")
+    parser.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time images/s with bf16 autocast and channels_last (default: on CUDA only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
@@ -227,6 +229,8 @@ def main(argv=None) -> int:
         parser.error("this benchmark compares with torchattacks: pip install -e '.[torchattacks]'")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if args.throughput is None:
+        args.throughput = device.type == "cuda"
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     description = f"{machine(device)}, torchattacks {torchattacks.__version__}"

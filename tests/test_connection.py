@@ -292,3 +292,20 @@ def test_chained_network_equals_the_blocks_applied_one_by_one(overrides):
         results.append([out, *torch.autograd.grad(out.logsumexp(1).sum() + out[:, 0].sum(), [xi, *params])])
     for chained, plain in zip(*results):
         assert torch.allclose(chained, plain, rtol=1e-9, atol=1e-12)
+
+
+def test_gradient_for_the_input_only_skips_the_decay_dot_products(monkeypatch):
+    """An attack library that leaves the parameters trainable asks autograd for the images' gradient only: the
+    decay's dot products are skipped and that gradient is unchanged; a backward that wants the decay computes them."""
+    from robustbench_conn.models import connection
+    calls = []
+    real_dot = connection._dot
+    monkeypatch.setattr(connection, "_dot", lambda a, b: calls.append(a.shape) or real_dot(a, b))
+    torch.manual_seed(0)
+    model = create_model("nrn-28-1-swish", init_channels=4, connection="suppression", init_decay=0.3)
+    model = model.double().eval()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    (input_only,) = torch.autograd.grad(model(x).logsumexp(1).sum(), x)
+    assert calls == []
+    with_decay = torch.autograd.grad(model(x).logsumexp(1).sum(), [x, *decay_parameters(model)])
+    assert calls and torch.equal(input_only, with_decay[0])

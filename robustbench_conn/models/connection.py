@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.autograd.graph import get_gradient_edge
 
 __all__ = [
     "ConnectionConfig", "ArchOptions", "SettingsError", "parse_settings", "resolve_connection",
@@ -281,6 +282,24 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum()
 
 
+def _gradient_node(t: torch.Tensor | None):
+    """The autograd node that a gradient for ``t`` goes to; None when ``t`` takes none."""
+    return get_gradient_edge(t).node if t is not None and t.requires_grad else None
+
+
+def _scalar_grad_wanted(ctx, index: int, node) -> bool:
+    """Whether this backward pass uses the gradient of scalar input ``index`` (a decay). ``needs_input_grad`` is
+    fixed at forward time; an attack library that leaves the parameters trainable and calls
+    ``autograd.grad(loss, images)`` never uses the decay's gradient, and the engine knows it, so the dot products
+    are skipped. (``_will_engine_execute_node`` is private; where it is missing or refuses, compute.)"""
+    if not ctx.needs_input_grad[index]:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):
+        return True
+
+
 class _Rescale(torch.autograd.Function):
     """``z * exp(log_scale)`` for a 0-dim ``log_scale``; its gradient is one dot product with the output
     (autograd's ``z * exp(a)`` would build the full-size ``grad * z`` and then reduce it)."""
@@ -290,6 +309,7 @@ class _Rescale(torch.autograd.Function):
         scale = torch.exp(log_scale)
         out = z * scale
         ctx.save_for_backward(out, scale)
+        ctx.log_scale_node = _gradient_node(log_scale)
         return out
 
     @staticmethod
@@ -297,7 +317,8 @@ class _Rescale(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         out, scale = ctx.saved_tensors
         grad_z = grad * scale if ctx.needs_input_grad[0] else None
-        grad_log_scale = _dot(grad, out).to(scale.dtype) if ctx.needs_input_grad[1] else None
+        grad_log_scale = (_dot(grad, out).to(scale.dtype) if _scalar_grad_wanted(ctx, 1, ctx.log_scale_node)
+                          else None)
         return grad_z, grad_log_scale
 
 
@@ -309,6 +330,7 @@ class _Join(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, z: torch.Tensor, keep: torch.Tensor,
                 log_scale: torch.Tensor | None) -> torch.Tensor:
         out = torch.addcmul(y, z, keep)
+        ctx.scalar_nodes = (_gradient_node(keep), _gradient_node(log_scale))
         if log_scale is None:
             ctx.save_for_backward(z, keep)
             return out
@@ -327,10 +349,10 @@ class _Join(torch.autograd.Function):
             grad_y = grad if scale is None else grad * scale
         if ctx.needs_input_grad[1]:
             grad_z = grad * (keep if scale is None else keep * scale)
-        if ctx.needs_input_grad[2]:
+        if _scalar_grad_wanted(ctx, 2, ctx.scalar_nodes[0]):
             grad_keep = _dot(grad, z) if scale is None else _dot(grad, z) * scale
             grad_keep = grad_keep.to(keep.dtype)
-        if ctx.needs_input_grad[3]:
+        if _scalar_grad_wanted(ctx, 3, ctx.scalar_nodes[1]):
             grad_log_scale = _dot(grad, rescaled[1]).to(scale.dtype)
         return grad_y, grad_z, grad_keep, grad_log_scale
 
