@@ -262,12 +262,14 @@ def test_dot_of_the_fused_gradients_matches_sum_of_products(layout):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"restart_period": None}, {"shared": False}])
-def test_chained_network_equals_the_blocks_applied_one_by_one(overrides):
+@pytest.mark.parametrize("init_channels,batch", [(4, 4), (16, 1)], ids=["weights-scaled", "some-outputs-scaled"])
+def test_chained_network_equals_the_blocks_applied_one_by_one(overrides, init_channels, batch):
     """A network's groups run their suppressed blocks as one scaled-domain chain; outputs and gradients (input,
-    every delta, weights) equal those of the paper's formula applied block by block."""
+    every delta, weights) equal those of the paper's formula applied block by block. With 16 channels and one image
+    the last group's conv2 weight (64x64x3x3) outweighs its output, so that group scales outputs instead."""
     config = dataclasses.replace(resolve_connection("suppression", init_decay=0.3), **overrides)
     torch.manual_seed(0)
-    model = create_model("nrn-28-1-swish", init_channels=4, connection=config).double().train()
+    model = create_model("nrn-28-1-swish", init_channels=init_channels, connection=config).double().train()
     with torch.no_grad():  # distinct decays per block when not shared, so a mix-up of blocks would show
         for i, delta in enumerate(decay_parameters(model)):
             delta.add_(0.05 * i)
@@ -281,9 +283,9 @@ def test_chained_network_equals_the_blocks_applied_one_by_one(overrides):
                      if isinstance(conn, SuppressionConnection) else block(x))
         return model.fc(model.pool(model.act(model.bn(x))).flatten(1))
 
-    x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
+    x = torch.rand(batch, 3, 32, 32, dtype=torch.float64)
     params = decay_parameters(model) + [model.stem.weight, model.stages[2][3].conv1.weight,
-                                        model.stages[1][2].conv2.weight]
+                                        model.stages[1][2].conv2.weight, model.stages[2][2].conv2.weight]
     results = []
     for forward in (model, reference):
         torch.manual_seed(1)

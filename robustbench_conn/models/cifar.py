@@ -74,11 +74,15 @@ class PreActBlock(nn.Module):
 
     @accepts_output_scale
     def residual_branch(self, x: torch.Tensor, output_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """F(x) of the connection formula; ``F(x) * output_scale`` (0-dim) through conv2's weight when given."""
+        """F(x) of the connection formula, times ``output_scale`` (0-dim) when given: applied to conv2's weight
+        when that is the smaller tensor (narrow networks, large batches), else to the output (WRN-28-10's
+        640x640x3x3 weight outweighs its last stage's output at a small batch)."""
         if output_scale is None:
             return self._convs(self.act1(self.bn1(x)))
         hidden = self.act2(self.bn2(self.conv1(self.act1(self.bn1(x)))))
-        conv = self.conv2  # bias-free, zero padding (built above)
+        conv = self.conv2  # bias-free, stride 1, zero padding (built above): the output has hidden's size
+        if conv.weight.numel() > hidden.numel():
+            return conv(hidden) * output_scale
         return F.conv2d(hidden, conv.weight * output_scale.to(conv.weight.dtype), None, conv.stride, conv.padding,
                         conv.dilation, conv.groups)
 
