@@ -130,7 +130,7 @@ def measure(name: str, args, device: torch.device) -> dict:
             cpu[key].append(c)
     # On CPU the clock is process CPU time (robust to other jobs on a shared machine), on CUDA wall time.
     times = cpu if device.type == "cpu" else wall
-    # Ratios are paired within a repeat (the three runs sit side by side in time, so drift cancels), then the
+    # Ratios are paired within a repeat (its runs sit side by side in time, so drift cancels), then the
     # median over repeats with a distribution-free 95% interval.
     ratios = {f"{prefix}{label}": [a / b for a, b in zip(source["ours"], source[other])]
               for prefix, source in (("", times), ("wall_", wall))
@@ -202,7 +202,8 @@ def render(rows: list[dict], args, device: torch.device, command: str, descripti
         lines.append("")
     lines.pop()
     if any("img_per_s" in r for r in rows):
-        lines += ["", f"Images/s ({device.type}, wall clock) of our PGD-{k}:", "", "| model | " + " | ".join(rows[0]["img_per_s"]) + " |",
+        lines += ["", f"Images/s ({device.type}, wall clock) of our PGD-{k}:", "",
+                  "| model | " + " | ".join(rows[0]["img_per_s"]) + " |",
                   "| --- |" + " --- |" * len(rows[0]["img_per_s"])]
         for r in rows:
             lines.append(f"| {r['model']} | " + " | ".join(f"{v:.0f}" for v in r["img_per_s"].values()) + " |")

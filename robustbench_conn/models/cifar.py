@@ -69,18 +69,21 @@ class PreActBlock(nn.Module):
                          if stride != 1 or in_channels != out_channels else None)
         self.connection = connection
 
+    def _hidden(self, preactivated: torch.Tensor) -> torch.Tensor:
+        return self.act2(self.bn2(self.conv1(preactivated)))
+
     def _convs(self, preactivated: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.act2(self.bn2(self.conv1(preactivated))))
+        return self.conv2(self._hidden(preactivated))
 
     @accepts_output_scale
     def residual_branch(self, x: torch.Tensor, output_scale: torch.Tensor | None = None) -> torch.Tensor:
         """F(x) of the connection formula, times ``output_scale`` (0-dim) when given: applied to conv2's weight
         when that is the smaller tensor (narrow networks, large batches), else to the output (WRN-28-10's
         640x640x3x3 weight outweighs its last stage's output at a small batch)."""
-        if output_scale is None:
-            return self._convs(self.act1(self.bn1(x)))
-        hidden = self.act2(self.bn2(self.conv1(self.act1(self.bn1(x)))))
+        hidden = self._hidden(self.act1(self.bn1(x)))
         conv = self.conv2  # bias-free, stride 1, zero padding (built above): the output has hidden's size
+        if output_scale is None:
+            return conv(hidden)
         if conv.weight.numel() > hidden.numel():
             return conv(hidden) * output_scale
         return F.conv2d(hidden, conv.weight * output_scale.to(conv.weight.dtype), None, conv.stride, conv.padding,

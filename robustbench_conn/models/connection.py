@@ -387,9 +387,10 @@ class SuppressionConnection(nn.Module):
 
 
 def accepts_output_scale(branch: Callable) -> Callable:
-    """Mark a branch ``F(x, output_scale=None)`` that returns ``F(x) * output_scale`` (a 0-dim tensor) by scaling a
-    small tensor, such as its last convolution's weight. :func:`suppression_chain` then hands each block's rescaling
-    to the branch, which saves one full-size multiply forward and one backward per block."""
+    """Mark a branch ``F(x, output_scale=None)`` that returns ``F(x) * output_scale`` (a 0-dim tensor), by scaling
+    a tensor smaller than its output (such as its last convolution's weight) where it has one.
+    :func:`suppression_chain` then hands each block's rescaling to the branch, which saves one full-size multiply
+    forward and one backward per block wherever the branch can fold it."""
     branch.accepts_output_scale = True
     return branch
 
